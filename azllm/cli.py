@@ -1,0 +1,276 @@
+"""`azllm` command line: argument parsing and dispatch only.
+
+Every command's work lives in its own module; users' mistakes arrive here as AzllmError and are
+printed on one line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from azllm.errors import AzllmError
+
+# Flags of `azllm train` that override config fields: flag -> "section.field".
+TRAIN_OVERRIDES = {
+    "max_steps": "train.max_steps", "micro_batch": "train.micro_batch",
+    "grad_accum": "train.grad_accum", "global_batch": "train.global_batch", "lr": "train.lr",
+    "warmup_steps": "train.warmup_steps", "precision": "train.precision",
+    "eval_interval": "train.eval_interval", "eval_batches": "train.eval_batches",
+    "log_interval": "train.log_interval", "ckpt_interval": "train.ckpt_interval",
+    "keep_last": "train.keep_last", "seed": "train.seed", "device": "train.device",
+    "compile": "train.compile", "activation_checkpointing": "train.activation_checkpointing",
+    "block_size": "model.block_size", "arch": "model.arch",
+}
+
+
+def _parse_set(items: list[str]) -> dict:
+    """--set model.n_layer=4 train.lr=3e-4: values parsed as JSON where they can be."""
+    out = {}
+    for item in items or []:
+        key, eq, raw = item.partition("=")
+        if not eq or "." not in key:
+            raise AzllmError(f"--set {item}: expected section.key=value, e.g. model.n_layer=4")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def cmd_tokenizer_train(args) -> int:
+    from azllm.documents import iter_all_documents
+    from azllm.tokenizer import AzTokenizer, train_tokenizer
+
+    tok = AzTokenizer(train_tokenizer(iter_all_documents(args.input), args.vocab_size,
+                                      min_frequency=args.min_frequency, show_progress=True))
+    tok.save(Path(args.out))
+    print(f"wrote {args.out}: {tok.vocab_size} tokens (sha256 {tok.sha256()[:12]})")
+    return 0
+
+
+def cmd_tokenizer_stats(args) -> int:
+    from azllm.documents import iter_all_documents
+    from azllm.tokenizer import load_tokenizer, tokenizer_stats
+
+    stats = tokenizer_stats(load_tokenizer(args.tokenizer), iter_all_documents(args.text))
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        print(f"words {stats['words']:,}  tokens {stats['tokens']:,}  bytes {stats['bytes']:,}")
+        print(f"fertility (tokens/word)  {stats['fertility']:.3f}")
+        print(f"bytes per token          {stats['bytes_per_token']:.3f}")
+        print(f"vocabulary used          {stats['vocab_used']:,} of {stats['vocab_size']:,} "
+              f"({100 * stats['vocab_used_fraction']:.1f}%)")
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    from azllm.shards import tokenize_to_shards
+    from azllm.tokenizer import load_tokenizer
+
+    meta = tokenize_to_shards(load_tokenizer(args.tokenizer), args.input, Path(args.out),
+                              val_fraction=args.val_fraction, force=args.force)
+    for split, info in meta["splits"].items():
+        print(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens, "
+              f"{info['bytes']:,} bytes in {len(info['shards'])} shard(s)")
+    print(f"wrote {args.out}/meta.json ({meta['dtype']})")
+    return 0
+
+
+def cmd_model_summary(args) -> int:
+    from azllm.config import apply_overrides, load_config
+    from azllm.model import GPT
+
+    cfg = apply_overrides(load_config(args.config), _parse_set(args.set))
+    model = GPT(cfg.model)
+    rows = model.summary_rows()
+    width = max(len(r[0]) for r in rows)
+    print(f"{'parameter':<{width}}  {'shape':>14}  {'count':>12}")
+    for name, shape, n in rows:
+        print(f"{name:<{width}}  {shape:>14}  {n:>12,}")
+    total = model.num_params()
+    emb = model.embed.weight.numel()
+    print(f"total {total:,} ({total / 1e6:.1f}M); without token embeddings {total - emb:,}; "
+          f"{model.flops_per_token() / 1e6:.1f} MFLOP per training token")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from azllm.config import apply_overrides, load_config
+    from azllm.train import train
+
+    overrides = {key: getattr(args, flag) for flag, key in TRAIN_OVERRIDES.items()}
+    overrides.update(_parse_set(args.set))
+    cfg = apply_overrides(load_config(args.config), overrides)
+    last = train(cfg, Path(args.data), Path(args.out), resume=args.resume)
+    if "val_bpb" in last:
+        print(f"done: step {last['step']}, val loss {last['val_loss']:.4f}, "
+              f"{last['val_bpb']:.3f} bits per byte; run in {args.out}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from azllm.checkpoint import load_run
+    from azllm.device import resolve_device, resolve_precision
+    from azllm.generate import StreamDecoder, generate
+
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    model, tok, _ = load_run(Path(args.run), device, args.weights)
+    prompts = [p for p in args.prompt for _ in range(args.num_samples)]
+    ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
+    stream = len(ids) == 1 and not args.no_stream
+    decoder = StreamDecoder(tok.decode)
+    if stream:
+        print(prompts[0], end="", flush=True)
+    outs = generate(
+        model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=tok.eos_id,
+        pad_id=tok.pad_id, use_cache=not args.no_cache, precision=precision,
+        on_token=(lambda _, t: print(decoder.push(t), end="", flush=True)) if stream else None,
+    )
+    if stream:
+        print()
+    else:
+        for i, (p, out) in enumerate(zip(prompts, outs, strict=True)):
+            print(f"--- sample {i + 1}\n{p}{tok.decode(out)}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from azllm.checkpoint import load_run
+    from azllm.device import resolve_device, resolve_precision
+    from azllm.evaluate import evaluate_text, read_text_file
+
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    text = read_text_file(Path(args.text))
+    model, tok, _ = load_run(Path(args.run), device, args.weights)
+    res = evaluate_text(model, tok, text, batch_size=args.batch_size, precision=precision)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{args.text}: loss {res['loss']:.4f}, perplexity {res['perplexity']:.2f}, "
+              f"{res['bpb']:.4f} bits per byte ({res['tokens']:,} tokens, {res['bytes']:,} bytes)")
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from azllm.quickstart import quickstart
+
+    quickstart(Path(args.out), minutes=args.minutes, force=args.force)
+    return 0
+
+
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run directory written by azllm train")
+    p.add_argument("--weights", default="model", choices=["model", "best"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="azllm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tk = sub.add_parser("tokenizer", help="train or measure the BPE tokenizer")
+    tks = tk.add_subparsers(dest="tokenizer_command", required=True)
+    p = tks.add_parser("train", help="train a byte-level BPE on text files/folders")
+    p.add_argument("--input", nargs="+", required=True)
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument("--out", required=True, help="tokenizer.json to write")
+    p.set_defaults(func=cmd_tokenizer_train)
+    p = tks.add_parser("stats", help="fertility, bytes per token and vocabulary use on a text")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--text", nargs="+", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_tokenizer_stats)
+
+    p = sub.add_parser("tokenize", help="text -> token shards for training")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--input", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=cmd_tokenize)
+
+    md = sub.add_parser("model", help="inspect model configs")
+    mds = md.add_subparsers(dest="model_command", required=True)
+    p = mds.add_parser("summary", help="per-tensor parameter table and totals")
+    p.add_argument("--config", required=True, help="preset (tiny, baby, small, az-100m) or TOML")
+    p.add_argument("--set", nargs="*", help="overrides such as model.vocab_size=4096")
+    p.set_defaults(func=cmd_model_summary)
+
+    p = sub.add_parser("train", help="pretrain a model (also under torchrun for DDP)")
+    p.add_argument("--config", required=True, help="preset (tiny, baby, small, az-100m) or TOML")
+    p.add_argument("--data", required=True, help="folder written by azllm tokenize")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    for flag in ("max_steps", "micro_batch", "grad_accum", "global_batch", "warmup_steps",
+                 "eval_interval", "eval_batches", "log_interval", "ckpt_interval", "keep_last",
+                 "seed", "block_size"):
+        p.add_argument("--" + flag.replace("_", "-"), type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--arch", choices=["llama", "gpt2"])
+    p.add_argument("--device")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
+                   default=None)
+    p.add_argument("--set", nargs="*", help="any config field: model.n_layer=4 train.beta2=0.99")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="sample text from a trained run")
+    _sampling_flags(p)
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--no-cache", action="store_true", help="recompute instead of a KV cache")
+    p.add_argument("--no-stream", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte on a text file")
+    _sampling_flags(p)
+    p.add_argument("--text", required=True)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("quickstart", help="tokenizer + baby model on the bundled corpus, on a CPU")
+    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--minutes", type=float, default=5.0, help="training time budget")
+    p.add_argument("--force", action="store_true", help="replace a non-quickstart --out")
+    p.set_defaults(func=cmd_quickstart)
+
+    try:  # the corpus builder registers its own commands
+        from azllm.corpus.cli import register
+    except ImportError:
+        pass
+    else:
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except AzllmError as e:
+        print(f"azllm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("azllm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node=K -m azllm.cli train ...
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""Model and training configuration: plain dataclasses, presets, TOML files and overrides.
+
+A config is resolved in three layers, each overriding the one before:
+preset (or TOML file) -> command-line overrides -> facts from the data (vocab size).
+This file never imports torch, so `azllm plan`/`model summary` arguments can be checked cheaply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from azllm.errors import AzllmError
+
+ARCHS = ("llama", "gpt2")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = (
+        "llama"  # "llama": RoPE, RMSNorm, SwiGLU, no biases; "gpt2": learned pos, LayerNorm, GELU
+    )
+    vocab_size: int = 8192
+    block_size: int = 192  # context length in tokens
+    n_layer: int = 6
+    n_head: int = 6
+    n_kv_head: int = 0  # grouped-query attention: 0 means n_head (plain multi-head)
+    n_embd: int = 384
+    ffn_hidden: int = 0  # 0: 4*n_embd for gpt2, ~8/3*n_embd rounded to 64 for llama
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head
+        if self.ffn_hidden == 0:
+            if self.arch == "gpt2":
+                self.ffn_hidden = 4 * self.n_embd
+            else:  # SwiGLU has three matrices: 2/3 of 4x keeps the parameter count of a 4x MLP
+                self.ffn_hidden = 64 * ((8 * self.n_embd // 3 + 63) // 64)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise AzllmError(f"model.arch: unknown architecture {self.arch!r}; use one of {ARCHS}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise AzllmError(f"model.{name} must be a positive integer")
+        if self.n_embd % self.n_head:
+            raise AzllmError(
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
+            )
+        if self.n_head % self.n_kv_head:
+            raise AzllmError(
+                f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head "
+                f"({self.n_kv_head})"
+            )
+        if self.arch == "llama" and self.head_dim % 2:
+            raise AzllmError("model: RoPE needs an even head size (n_embd / n_head)")
+        if self.arch == "gpt2" and self.n_kv_head != self.n_head:
+            raise AzllmError("model.n_kv_head: grouped-query attention needs arch='llama'")
+        if not 0.0 <= self.dropout < 1.0:
+            raise AzllmError("model.dropout must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    micro_batch: int = 8  # sequences per forward/backward on one process
+    grad_accum: int = 4  # micro-batches per optimizer step
+    global_batch: int = 0  # sequences per step over all processes; 0: micro_batch*grad_accum*world
+    max_steps: int = 2000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    compile: bool = False
+    activation_checkpointing: bool = False
+    eval_interval: int = 100
+    eval_batches: int = 20
+    log_interval: int = 10
+    ckpt_interval: int = 500
+    keep_last: int = 2
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise AzllmError(f"train.precision: {self.precision!r} is not one of {PRECISIONS}")
+        for name in (
+            "micro_batch",
+            "grad_accum",
+            "max_steps",
+            "eval_interval",
+            "eval_batches",
+            "log_interval",
+            "ckpt_interval",
+            "keep_last",
+        ):
+            if getattr(self, name) <= 0:
+                raise AzllmError(f"train.{name} must be a positive integer")
+        if self.lr <= 0:
+            raise AzllmError("train.lr must be positive")
+        if self.warmup_steps < 0 or self.global_batch < 0:
+            raise AzllmError("train.warmup_steps and train.global_batch must not be negative")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.train.validate()
+
+
+# Presets. `baby` is the course's Baby GPT shape; vocab_size is replaced by the tokenizer's.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {  # for tests: trains in seconds on a CPU
+        "model": dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=512),
+        "train": dict(
+            micro_batch=4,
+            grad_accum=1,
+            max_steps=20,
+            warmup_steps=2,
+            lr=3e-3,
+            eval_interval=10,
+            eval_batches=2,
+            log_interval=1,
+            ckpt_interval=10,
+        ),
+    },
+    "baby": {  # ~10M parameters (6 layers, 6 heads, 384 wide, context 192)
+        "model": dict(n_layer=6, n_head=6, n_embd=384, block_size=192, vocab_size=8192),
+        "train": dict(micro_batch=16, grad_accum=2, lr=1e-3, warmup_steps=50),
+    },
+    "small": {  # ~30M parameters
+        "model": dict(n_layer=8, n_head=8, n_embd=512, block_size=512, vocab_size=16384),
+        "train": dict(micro_batch=8, grad_accum=8, lr=8e-4, warmup_steps=200),
+    },
+    "az-100m": {  # ~100M parameters at context 1024 (the course's RTX 2050 target)
+        "model": dict(
+            n_layer=12, n_head=12, n_kv_head=4, n_embd=768, block_size=1024, vocab_size=32768
+        ),
+        "train": dict(
+            micro_batch=4,
+            grad_accum=32,
+            lr=6e-4,
+            warmup_steps=500,
+            activation_checkpointing=True,
+            max_steps=20000,
+        ),
+    },
+}
+
+
+def _set_fields(obj: Any, values: dict[str, Any], where: str) -> None:
+    known = {f.name: f for f in fields(obj)}
+    for key, value in values.items():
+        if key not in known:
+            raise AzllmError(
+                f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(known))}"
+            )
+        default = getattr(obj, key)
+        # TOML and JSON give ints where floats are meant (lr = 1); accept those, refuse the rest.
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise AzllmError(f"{where}.{key}: expected true/false, got {value!r}")
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, type(default)):
+            raise AzllmError(f"{where}.{key}: expected {type(default).__name__}, got {value!r}")
+        setattr(obj, key, value)
+
+
+def config_from_dict(d: dict[str, Any], where: str = "config") -> Config:
+    """Build a Config from {"model": {...}, "train": {...}}, refusing unknown keys."""
+    unknown = set(d) - {"model", "train"}
+    if unknown:
+        raise AzllmError(f"{where}: unknown section(s) {sorted(unknown)}; use [model] and [train]")
+    model, train = ModelConfig(), TrainConfig()
+    # Derived fields (ffn_hidden, n_kv_head) must be recomputed from the values given, not from
+    # the defaults, so reset them before __post_init__ runs again.
+    _set_fields(model, {"ffn_hidden": 0, "n_kv_head": 0, **d.get("model", {})}, f"{where} [model]")
+    model.__post_init__()
+    _set_fields(train, d.get("train", {}), f"{where} [train]")
+    return Config(model=model, train=train)
+
+
+def load_config(name_or_path: str) -> Config:
+    """A preset name (baby, small, az-100m, tiny) or a TOML file with [model]/[train] tables.
+
+    A TOML file may start from a preset with a top-level `preset = "baby"` key.
+    """
+    if name_or_path in PRESETS:
+        return config_from_dict(PRESETS[name_or_path], where=f"preset {name_or_path}")
+    path = Path(name_or_path)
+    if not path.exists():
+        raise AzllmError(
+            f"--config {name_or_path}: neither a preset ({', '.join(PRESETS)}) nor an existing file"
+        )
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise AzllmError(f"{path}: not valid TOML ({e})") from None
+    base = data.pop("preset", None)
+    merged: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+    if base is not None:
+        if base not in PRESETS:
+            raise AzllmError(f"{path}: preset = {base!r} is not one of {', '.join(PRESETS)}")
+        for section in merged:
+            merged[section].update(PRESETS[base].get(section, {}))
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise AzllmError(f"{path}: top-level key {section!r} must be a [table]")
+        merged.setdefault(section, {}).update(values)
+    return config_from_dict(merged, where=str(path))
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Overrides as {"train.lr": 3e-4, "model.n_layer": 4} or bare train keys {"lr": 3e-4}."""
+    d = cfg.to_dict()
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section, _, name = key.rpartition(".")
+        section = section or "train"
+        d.setdefault(section, {})[name] = value
+        # Derived sizes follow the value they derive from unless given explicitly too.
+        if (
+            section == "model"
+            and name in ("n_embd", "arch")
+            and "model.ffn_hidden" not in overrides
+        ):
+            d["model"]["ffn_hidden"] = 0
+        if section == "model" and name == "n_head" and "model.n_kv_head" not in overrides:
+            d["model"]["n_kv_head"] = 0
+    return config_from_dict(d, where="overrides")
+
+
+def load_run_config(run_dir: Path) -> Config:
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise AzllmError(
+            f"{run_dir}: no config.json — is this a run directory made by azllm train?"
+        )
+    try:
+        return config_from_dict(json.loads(path.read_text(encoding="utf-8")), where=str(path))
+    except json.JSONDecodeError as e:
+        raise AzllmError(f"{path}: corrupt JSON ({e}); restore it from a checkpoint") from None

@@ -1,0 +1,274 @@
+"""The decoder-only transformer, in plain PyTorch. Two architectures from one file:
+
+- arch="llama" (default): RoPE, RMSNorm, SwiGLU MLP, optional grouped-query attention, no biases;
+- arch="gpt2" (the course's Baby GPT): learned positions, LayerNorm, GELU MLP, biases.
+
+Module and parameter names follow Hugging Face's LlamaForCausalLM / GPT2LMHeadModel closely so
+export is a renaming (plus GPT-2's fused QKV), not a conversion. Attention goes through
+scaled_dot_product_attention (flash / memory-efficient kernels on CUDA). For generation a KVCache
+holds keys and values; prompts of different lengths share a batch by left padding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from azllm.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """As in LlamaRMSNorm: normalise in fp32 whatever the autocast dtype, then scale."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_tables(cfg: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [length, head_dim] in the half-split layout HF Llama uses (rotate_half)."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
+    freqs = torch.outer(torch.arange(length).float(), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, H, T, D]; cos/sin: [B, 1, T, D]
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Keys/values of every layer for a batch of sequences, preallocated to max_len.
+
+    Sequences are left-padded to a common length; `valid` marks real tokens so padding is never
+    attended to, and `next_pos` keeps each sequence's own position counter.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> None:
+        shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.len = 0
+        self.max_len = max_len
+
+
+def _attention_mask(valid_keys: torch.Tensor, offset: int, t: int) -> torch.Tensor:
+    """Bool mask [B, 1, t, S]: query i (at slot offset+i) sees real keys at slots <= its own.
+
+    A query always sees itself, so a padding query has one key and softmax stays finite.
+    """
+    s = valid_keys.shape[1]
+    q_slot = torch.arange(offset, offset + t, device=valid_keys.device)[:, None]
+    k_slot = torch.arange(s, device=valid_keys.device)[None, :]
+    causal = k_slot <= q_slot
+    mask = causal[None] & valid_keys[:, None, :]
+    mask = mask | (k_slot == q_slot)[None]
+    return mask[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        bias = cfg.arch == "gpt2"
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=bias)
+        self.o_proj.residual = True  # depth-scaled init (see GPT._init_weights)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, rope, layer: int, cache: KVCache | None, mask):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            end = cache.len + t
+            cache.k[layer, :, :, cache.len : end] = k
+            cache.v[layer, :, :, cache.len : end] = v
+            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.llama = cfg.arch == "llama"
+        if self.llama:  # SwiGLU
+            self.gate_proj = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
+            self.up_proj = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
+            self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=False)
+            self.down_proj.residual = True
+        else:
+            self.fc = nn.Linear(cfg.n_embd, cfg.ffn_hidden)
+            self.proj = nn.Linear(cfg.ffn_hidden, cfg.n_embd)
+            self.proj.residual = True
+
+    def forward(self, x):
+        if self.llama:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        norm = (
+            (lambda: RMSNorm(cfg.n_embd, cfg.norm_eps))
+            if cfg.arch == "llama"
+            else (lambda: nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps))
+        )
+        self.attn_norm, self.attn = norm(), Attention(cfg)
+        self.mlp_norm, self.mlp = norm(), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, layer, cache, mask):
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, layer, cache, mask))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.arch == "gpt2":
+            self.pos_embed = nn.Embedding(cfg.block_size, cfg.n_embd)
+        else:
+            cos, sin = rope_tables(cfg, cfg.block_size)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = (
+            RMSNorm(cfg.n_embd, cfg.norm_eps)
+            if cfg.arch == "llama"
+            else nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
+        )
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            std = 0.02
+            if getattr(m, "residual", False):  # GPT-2 paper: scale residual writes by depth
+                std /= math.sqrt(2 * self.cfg.n_layer)
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        real: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx [B, T] -> (logits [B, T or 1, V], mean loss or None).
+
+        targets: next-token ids, -1 where no loss is wanted. cache: continue the sequences in
+        it. real: bool [B, T], False for left padding (generation only).
+        """
+        b, t = idx.shape
+        offset = cache.len if cache is not None else 0
+        if offset + t > self.cfg.block_size:
+            raise ValueError(
+                f"sequence of {offset + t} tokens exceeds the context ({self.cfg.block_size})"
+            )
+        mask = None
+        if cache is not None or real is not None:
+            real = real if real is not None else torch.ones_like(idx, dtype=torch.bool)
+            base = cache.next_pos[:, None] if cache is not None else 0
+            pos = (base + real.long().cumsum(1) - 1).clamp(min=0)
+            if cache is not None:
+                cache.valid[:, offset : offset + t] = real
+                mask = _attention_mask(cache.valid[:, : offset + t], offset, t)
+            else:
+                mask = _attention_mask(real, 0, t)
+        else:
+            pos = torch.arange(t, device=idx.device)[None].expand(b, t)
+
+        x = self.embed(idx)
+        rope = None
+        if self.cfg.arch == "gpt2":
+            x = x + self.pos_embed(pos)
+        else:
+            rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, rope, i, cache, mask, use_reentrant=False)
+            else:
+                x = block(x, rope, i, cache, mask)
+        x = self.norm(x)
+        if cache is not None:
+            cache.len += t
+            cache.next_pos += real.long().sum(1)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
+            )
+        return logits, loss
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights counted once
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token: 6 per matmul weight + attention (PaLM appendix B)."""
+        cfg = self.cfg
+        matmul = self.num_params() - (0 if cfg.tie_embeddings else self.embed.weight.numel())
+        if cfg.arch == "gpt2":
+            matmul -= self.pos_embed.weight.numel()
+        return 6 * matmul + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size
+
+    def summary_rows(self) -> list[tuple[str, str, int]]:
+        """(name, shape, parameters) per tensor; tied weights appear once."""
+        rows, seen = [], set()
+        for name, p in self.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            rows.append((name, "x".join(map(str, p.shape)), p.numel()))
+        return rows

@@ -1,0 +1,167 @@
+"""The tokenizer: byte-level BPE (HF `tokenizers`) and the one definition of special tokens.
+
+Why these choices:
+- byte-level BPE never meets an unknown character, so any Azerbaijani (or other) text round-trips;
+- NFC normalisation makes `ə` typed as one code point or as `e` + combining mark the same token;
+- the pre-tokenizer splits with the Llama-3 / GPT-4o regex, which llama.cpp knows as the
+  "llama-bpe" pre-tokenizer, so a GGUF export tokenizes exactly as we do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from azllm.atomic import atomic_write_text
+from azllm.errors import AzllmError
+
+# The Llama-3 split pattern (llama.cpp: LLAMA_VOCAB_PRE_TYPE_LLAMA3, "llama-bpe").
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+GGUF_PRE = "llama-bpe"  # the name llama.cpp gives SPLIT_PATTERN
+
+# Special tokens, the one place they are defined. They take ids 0..15 in this order in every
+# tokenizer azllm trains, so ids are stable across vocab sizes. Reserved slots leave room for
+# later needs (tools, images) without retraining the tokenizer.
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"  # EOS also separates documents in the shards
+SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"  # chat turns
+SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END] + [
+    f"<|reserved_{i}|>" for i in range(9)
+]
+
+
+def _new_tokenizer() -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2, show_progress: bool = False
+) -> Tokenizer:
+    """Train a byte-level BPE on a stream of documents."""
+    floor = len(SPECIAL_TOKENS) + 256
+    if vocab_size < floor + 1:
+        raise AzllmError(f"--vocab-size {vocab_size} is too small: it must exceed {floor}")
+    tok = _new_tokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, even unseen ones
+        show_progress=show_progress,
+    )
+    seen = [0]
+
+    def counting(it: Iterable[str]) -> Iterator[str]:
+        for t in it:
+            seen[0] += 1
+            yield t
+
+    tok.train_from_iterator(counting(texts), trainer=trainer)
+    if seen[0] == 0:
+        raise AzllmError("the corpus is empty: no text to train the tokenizer on")
+    return tok
+
+
+@dataclass
+class AzTokenizer:
+    """A trained tokenizer plus the ids azllm needs; load with `load_tokenizer`."""
+
+    tok: Tokenizer
+    path: Path | None = None
+
+    def __post_init__(self) -> None:
+        missing = [t for t in SPECIAL_TOKENS[:7] if self.tok.token_to_id(t) is None]
+        if missing:
+            where = self.path or "tokenizer"
+            raise AzllmError(
+                f"{where}: lacks azllm's special tokens {missing}; train it with "
+                "`azllm tokenizer train`"
+            )
+        self.bos_id = self.tok.token_to_id(BOS)
+        self.eos_id = self.tok.token_to_id(EOS)
+        self.pad_id = self.tok.token_to_id(PAD)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # Rust-side parallelism over all cores (TOKENIZERS_PARALLELISM governs it)
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special)
+
+    def to_json(self) -> str:
+        return self.tok.to_str()
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+
+    def save(self, path: Path) -> None:
+        atomic_write_text(Path(path), self.to_json())
+
+
+def load_tokenizer(path: str | Path) -> AzTokenizer:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.exists():
+        raise AzllmError(f"{path}: tokenizer file not found; make one with `azllm tokenizer train`")
+    try:
+        tok = Tokenizer.from_str(path.read_text(encoding="utf-8"))
+    except Exception as e:  # tokenizers raises bare Exceptions for bad JSON
+        raise AzllmError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+    return AzTokenizer(tok, path)
+
+
+def tokenizer_stats(tok: AzTokenizer, texts: Iterable[str]) -> dict[str, float]:
+    """Fertility (tokens per whitespace word), bytes per token, and share of the vocab used."""
+    n_tokens = n_words = n_bytes = 0
+    used: set[int] = set()
+    batch: list[str] = []
+
+    def flush() -> None:
+        nonlocal n_tokens
+        for ids in tok.encode_batch(batch):
+            n_tokens += len(ids)
+            used.update(ids)
+        batch.clear()
+
+    for text in texts:
+        n_words += len(text.split())
+        n_bytes += len(text.encode("utf-8"))
+        batch.append(text)
+        if len(batch) >= 1024:
+            flush()
+    flush()
+    if n_words == 0:
+        raise AzllmError("no words in the text given to `tokenizer stats`")
+    return {
+        "words": n_words,
+        "tokens": n_tokens,
+        "bytes": n_bytes,
+        "fertility": n_tokens / n_words,
+        "bytes_per_token": n_bytes / max(n_tokens, 1),
+        "vocab_size": tok.vocab_size,
+        "vocab_used": len(used),
+        "vocab_used_fraction": len(used) / tok.vocab_size,
+    }

@@ -1,0 +1,302 @@
+"""The pretraining loop: one script for a CPU, one small GPU, or many GPUs under torchrun.
+
+    azllm train --config baby --data DATA --out RUN            # one process
+    torchrun --nproc_per_node=4 -m azllm.cli train ...          # DDP, same arguments
+
+Read top to bottom: set up processes and device -> data -> model/optimizer -> (resume) -> loop of
+{lr, accumulate gradients over micro-batches, clip, step, log, eval, checkpoint}.
+Every step's batch is a function of the step number (see shards.TokenBatches), so a resumed run
+continues exactly where the killed one was, and K processes see the same global batch as one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from azllm.atomic import atomic_write_text
+from azllm.checkpoint import (
+    checkpoint_dirs,
+    load_checkpoint,
+    save_checkpoint,
+    save_weights,
+    unwrap,
+)
+from azllm.config import Config, load_run_config
+from azllm.device import autocast, measure_matmul_peak, resolve_device, resolve_precision
+from azllm.errors import AzllmError
+from azllm.metrics import MetricsLog, plot_loss
+from azllm.model import GPT
+from azllm.shards import TokenBatches, read_meta
+from azllm.tokenizer import load_tokenizer
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process."""
+    if "RANK" not in os.environ:
+        return Dist(), resolve_device(device_name)
+    d = Dist(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    device = resolve_device(device_name, d.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return d, device
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps (step counts from 1)."""
+    if step <= cfg.warmup_steps:
+        return cfg.lr * step / max(cfg.warmup_steps, 1)
+    progress = (step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_optimizer(model: GPT, cfg, device: torch.device) -> torch.optim.AdamW:
+    # Matrices decay; biases and norm gains do not (decaying them only hurts).
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda"
+    )
+
+
+def prepare_run(cfg: Config, data_dir: Path, run_dir: Path, resume: bool) -> Config:
+    """Take the vocab from the data, check it against an existing run, return the final config."""
+    meta = read_meta(data_dir)
+    if resume:
+        saved = load_run_config(run_dir)
+        if dataclasses.replace(cfg.model, vocab_size=saved.model.vocab_size) != saved.model:
+            raise AzllmError(
+                f"{run_dir}/config.json: the model config given differs from the "
+                "run's; resume with the same --config and model overrides"
+            )
+        cfg.model = saved.model
+        run_tok = load_tokenizer(run_dir / "tokenizer.json")
+        if run_tok.sha256() != meta["tokenizer_sha256"]:
+            raise AzllmError(
+                f"{data_dir}: tokenized with a different tokenizer than the run "
+                f"{run_dir} (vocab {meta['vocab_size']} vs {run_tok.vocab_size}); "
+                "re-tokenize with the run's tokenizer.json"
+            )
+    else:
+        if checkpoint_dirs(run_dir) or (run_dir / "model.safetensors").exists():
+            raise AzllmError(
+                f"{run_dir}: already holds a run; pass --resume to continue it or "
+                "choose another --out"
+            )
+        cfg.model.vocab_size = meta["vocab_size"]
+    return cfg
+
+
+def train(
+    cfg: Config, data_dir: Path, run_dir: Path, *, resume: bool = False, progress: bool = True
+) -> dict:
+    """Train (or resume) and return the last logged metrics."""
+    cfg.validate()
+    tc = cfg.train
+    d, device = setup_distributed(tc.device)
+    precision = resolve_precision(tc.precision, device)
+    run_dir = Path(run_dir)
+    if resume and not checkpoint_dirs(run_dir):
+        raise AzllmError(f"{run_dir}: no checkpoint to resume from")
+    cfg = prepare_run(cfg, Path(data_dir), run_dir, resume)
+
+    # Global batch: sequences per optimizer step over all processes.
+    if tc.global_batch:
+        per_step = tc.micro_batch * d.world
+        if tc.global_batch % per_step:
+            raise AzllmError(
+                f"train.global_batch {tc.global_batch} is not a multiple of "
+                f"micro_batch x processes = {per_step}"
+            )
+        tc.grad_accum = tc.global_batch // per_step
+    global_batch = tc.micro_batch * tc.grad_accum * d.world
+    tokens_per_step = global_batch * cfg.model.block_size
+
+    torch.manual_seed(tc.seed)
+    data = TokenBatches(data_dir, cfg.model.block_size, tc.seed)
+    if d.master:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        load_tokenizer(Path(data_dir) / "tokenizer.json").save(run_dir / "tokenizer.json")
+
+    model = GPT(cfg.model).to(device)
+    model.gradient_checkpointing = tc.activation_checkpointing
+    optimizer = make_optimizer(model, tc, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    start, best_val = 0, float("inf")
+    if resume:
+        state = load_checkpoint(checkpoint_dirs(run_dir)[-1], model, optimizer, scaler)
+        start, best_val = state["step"], state["best_val_loss"]
+        if start >= tc.max_steps:
+            raise AzllmError(
+                f"{run_dir}: already at step {start} of --max-steps {tc.max_steps}; "
+                "raise --max-steps to train further"
+            )
+    flops_per_step = unwrap(model).flops_per_token() * tokens_per_step
+    peak = measure_matmul_peak(device, precision)
+    if tc.compile:
+        model = torch.compile(model)
+    if d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    log = MetricsLog(run_dir, resume_step=start) if d.master else None
+    bar = None
+    if d.master and progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=tc.max_steps, initial=start, unit="step", dynamic_ncols=True)
+        bar.write(
+            f"model {unwrap(model).num_params() / 1e6:.1f}M params | {precision} on "
+            f"{device} x{d.world} | batch {global_batch}x{cfg.model.block_size} tokens"
+        )
+    per_rank = tc.micro_batch * tc.grad_accum
+    rows = slice(d.rank * per_rank, (d.rank + 1) * per_rank)
+    bpt = data.bytes_per_token("val")
+    has_val = bool(data.splits.get("val"))
+    if d.master and not has_val:
+        print(f"note: {data_dir} has no validation windows; validation loss is skipped")
+
+    def evaluate() -> float:
+        model.eval()
+        total = torch.zeros((), device=device)
+        with torch.no_grad():
+            for i in range(tc.eval_batches):
+                b = data.global_batch(
+                    "val",
+                    i,
+                    tc.micro_batch * d.world,
+                    slice(d.rank * tc.micro_batch, (d.rank + 1) * tc.micro_batch),
+                )
+                b = b.to(device)
+                with autocast(device, precision):
+                    _, loss = model(b[:, :-1], b[:, 1:])
+                total += loss.float()
+        if d.world > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.AVG)
+        model.train()
+        return total.item() / tc.eval_batches
+
+    last: dict = {}
+    loss_sum = torch.zeros((), device=device)
+    t_log, steps_since_log = time.perf_counter(), 0
+    model.train()
+    step = start
+    try:
+        for step in range(start + 1, tc.max_steps + 1):
+            lr = lr_at(step, tc)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = data.global_batch("train", step, global_batch, rows)
+            if device.type == "cuda":
+                batch = batch.pin_memory().to(device, non_blocking=True)
+            for micro in range(tc.grad_accum):
+                mb = batch[micro * tc.micro_batch : (micro + 1) * tc.micro_batch]
+                # Under DDP, all-reduce gradients only on the last micro-batch.
+                sync_ctx = (
+                    model.no_sync()
+                    if d.world > 1 and micro < tc.grad_accum - 1
+                    else (nullcontext())
+                )
+                with sync_ctx, autocast(device, precision):
+                    _, loss = model(mb[:, :-1], mb[:, 1:])
+                    loss = loss / tc.grad_accum
+                scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            steps_since_log += 1
+
+            if step % tc.log_interval == 0 or step == tc.max_steps:
+                # The only host-device sync of the step, every log_interval steps.
+                if d.world > 1:
+                    dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+                train_loss = loss_sum.item() / steps_since_log
+                dt = time.perf_counter() - t_log
+                tok_s = tokens_per_step * steps_since_log / dt
+                mfu = flops_per_step * steps_since_log / dt / (peak * d.world)
+                last = {
+                    "step": step,
+                    "loss": train_loss,
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "tokens": step * tokens_per_step,
+                    "tok_per_s": tok_s,
+                    "mfu": mfu,
+                }
+                if log:
+                    log.write(**last)
+                if bar:
+                    bar.set_postfix(
+                        loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * mfu:.0f}%"
+                    )
+                loss_sum.zero_()
+                t_log, steps_since_log = time.perf_counter(), 0
+
+            if has_val and (step % tc.eval_interval == 0 or step == tc.max_steps):
+                val = evaluate()
+                last.update(val_loss=val, val_bpb=val / math.log(2) / bpt)
+                if d.master:
+                    log.write(step=step, val_loss=val, val_bpb=last["val_bpb"])
+                    if val < best_val:
+                        best_val = val
+                        save_weights(model, run_dir / "best.safetensors")
+                    plot_loss(run_dir)
+                    if bar:
+                        bar.write(f"step {step}: val loss {val:.4f}, {last['val_bpb']:.3f} bpb")
+                t_log = time.perf_counter()  # keep eval time out of tokens/s
+
+            if step % tc.ckpt_interval == 0 or step == tc.max_steps:
+                if d.master:
+                    save_checkpoint(run_dir, step, model, optimizer, scaler, best_val, tc.keep_last)
+                if d.world > 1:
+                    dist.barrier()
+            if bar:
+                bar.update(1)
+    except KeyboardInterrupt:
+        # Steps after the last checkpoint are redone on --resume; the files on disk stay whole.
+        if bar:
+            bar.write(
+                f"interrupted at step {step}; `azllm train ... --resume` continues from the "
+                "last checkpoint"
+            )
+        raise
+    finally:
+        if bar:
+            bar.close()
+        if log:
+            log.close()
+        if d.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    return last
