@@ -171,21 +171,24 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def _set_fields(obj: Any, values: dict[str, Any], where: str) -> None:
+def _set_fields(obj: Any, values: dict[str, Any], where: str, section: str) -> None:
     known = {f.name: f for f in fields(obj)}
     for key, value in values.items():
         if key not in known:
             raise AzllmError(
-                f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(known))}"
+                f"{where}: unknown key {key!r} in [{section}]; known keys: "
+                f"{', '.join(sorted(known))}"
             )
         default = getattr(obj, key)
         # TOML and JSON give ints where floats are meant (lr = 1); accept those, refuse the rest.
         if isinstance(default, bool) and not isinstance(value, bool):
-            raise AzllmError(f"{where}.{key}: expected true/false, got {value!r}")
+            raise AzllmError(f"{where}: {section}.{key}: expected true/false, got {value!r}")
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, type(default)):
-            raise AzllmError(f"{where}.{key}: expected {type(default).__name__}, got {value!r}")
+            raise AzllmError(
+                f"{where}: {section}.{key}: expected {type(default).__name__}, got {value!r}"
+            )
         setattr(obj, key, value)
 
 
@@ -197,9 +200,9 @@ def config_from_dict(d: dict[str, Any], where: str = "config") -> Config:
     model, train = ModelConfig(), TrainConfig()
     # Derived fields (ffn_hidden, n_kv_head) must be recomputed from the values given, not from
     # the defaults, so reset them before __post_init__ runs again.
-    _set_fields(model, {"ffn_hidden": 0, "n_kv_head": 0, **d.get("model", {})}, f"{where} [model]")
+    _set_fields(model, {"ffn_hidden": 0, "n_kv_head": 0, **d.get("model", {})}, where, "model")
     model.__post_init__()
-    _set_fields(train, d.get("train", {}), f"{where} [train]")
+    _set_fields(train, d.get("train", {}), where, "train")
     return Config(model=model, train=train)
 
 

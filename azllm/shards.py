@@ -99,7 +99,9 @@ def tokenize_to_shards(
 
     with atomic_dir(out_dir, replace=True) as tmp:
         writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
-        bar = tqdm(total=len(files), unit="file", desc="tokenize", disable=not progress)
+        bar = tqdm(
+            total=len(files), unit="file", desc="tokenize", disable=None if progress else True
+        )
         for path in files:
             hint = split_hint(path)
             batch: list[str] = []

@@ -169,15 +169,21 @@ def train(
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     log = MetricsLog(run_dir, resume_step=start) if d.master else None
-    bar = None
-    if d.master and progress:
-        from tqdm import tqdm
+    # A progress bar on a terminal; on a pipe or in CI (no TTY) plain lines at each evaluation.
+    from tqdm import tqdm
 
-        bar = tqdm(total=tc.max_steps, initial=start, unit="step", dynamic_ncols=True)
-        bar.write(
-            f"model {unwrap(model).num_params() / 1e6:.1f}M params | {precision} on "
-            f"{device} x{d.world} | batch {global_batch}x{cfg.model.block_size} tokens"
-        )
+    bar = tqdm(
+        total=tc.max_steps,
+        initial=start,
+        unit="step",
+        dynamic_ncols=True,
+        disable=None if d.master and progress else True,
+    )
+    say = tqdm.write if d.master and progress else (lambda _msg: None)
+    say(
+        f"model {unwrap(model).num_params() / 1e6:.1f}M params | {precision} on {device} "
+        f"x{d.world} | batch {global_batch}x{cfg.model.block_size} tokens"
+    )
     per_rank = tc.micro_batch * tc.grad_accum
     rows = slice(d.rank * per_rank, (d.rank + 1) * per_rank)
     bpt = data.bytes_per_token("val")
@@ -257,7 +263,7 @@ def train(
                 }
                 if log:
                     log.write(**last)
-                if bar:
+                if not bar.disable:
                     bar.set_postfix(
                         loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * mfu:.0f}%"
                     )
@@ -273,8 +279,10 @@ def train(
                         best_val = val
                         save_weights(model, run_dir / "best.safetensors")
                     plot_loss(run_dir)
-                    if bar:
-                        bar.write(f"step {step}: val loss {val:.4f}, {last['val_bpb']:.3f} bpb")
+                    say(
+                        f"step {step}: train loss {last['loss']:.4f}, val loss {val:.4f}, "
+                        f"{last['val_bpb']:.3f} bpb, {last['tok_per_s']:,.0f} tok/s"
+                    )
                 t_log = time.perf_counter()  # keep eval time out of tokens/s
 
             if step % tc.ckpt_interval == 0 or step == tc.max_steps:
@@ -282,19 +290,16 @@ def train(
                     save_checkpoint(run_dir, step, model, optimizer, scaler, best_val, tc.keep_last)
                 if d.world > 1:
                     dist.barrier()
-            if bar:
-                bar.update(1)
+            bar.update(1)
     except KeyboardInterrupt:
         # Steps after the last checkpoint are redone on --resume; the files on disk stay whole.
-        if bar:
-            bar.write(
-                f"interrupted at step {step}; `azllm train ... --resume` continues from the "
-                "last checkpoint"
-            )
+        say(
+            f"interrupted at step {step}; `azllm train ... --resume` continues from the "
+            "last checkpoint"
+        )
         raise
     finally:
-        if bar:
-            bar.close()
+        bar.close()
         if log:
             log.close()
         if d.world > 1 and dist.is_initialized():
