@@ -36,6 +36,30 @@ SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END] + [
 ]
 
 
+# The chat template, the one definition (training, `azllm chat`, the server and exports use it):
+#   <|bos|><|system|>S<|end|><|user|>U<|end|><|assistant|>A<|end|><|user|>...
+# A reply is generated after a trailing <|assistant|> and ends at <|end|>. Loss is taken on the
+# assistant's content and its <|end|>, nothing else.
+CHAT_ROLES = ("system", "user", "assistant")
+ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+# The same template as Jinja, for Hugging Face's `chat_template` (tests check both agree).
+CHAT_TEMPLATE_JINJA = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The conversation as template text (special tokens written out)."""
+    out = [BOS]
+    for m in messages:
+        out.append(f"{ROLE_TOKENS[m['role']]}{m['content']}{END}")
+    if add_generation_prompt:
+        out.append(ASSISTANT)
+    return "".join(out)
+
+
 def _new_tokenizer() -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
@@ -109,6 +133,29 @@ class AzTokenizer:
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special)
+
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[bool]]:
+        """Token ids of a conversation and, per token, whether it is trained on (assistant
+        content and its closing <|end|>). Same ids as encoding `render_chat(...)` whole, since
+        special tokens split the text before BPE sees it."""
+        end_id = self.tok.token_to_id(END)
+        ids, mask = [self.bos_id], [False]
+        for m in messages:
+            role = m["role"]
+            content = self.encode(m["content"])
+            ids += [self.tok.token_to_id(ROLE_TOKENS[role])] + content + [end_id]
+            trained = role == "assistant"
+            mask += [False] + [trained] * len(content) + [trained]
+        if add_generation_prompt:
+            ids.append(self.tok.token_to_id(ASSISTANT))
+            mask.append(False)
+        return ids, mask
+
+    @property
+    def end_id(self) -> int:
+        return self.tok.token_to_id(END)
 
     def to_json(self) -> str:
         return self.tok.to_str()
