@@ -15,14 +15,24 @@ from azllm.errors import AzllmError
 
 # Flags of `azllm train` that override config fields: flag -> "section.field".
 TRAIN_OVERRIDES = {
-    "max_steps": "train.max_steps", "micro_batch": "train.micro_batch",
-    "grad_accum": "train.grad_accum", "global_batch": "train.global_batch", "lr": "train.lr",
-    "warmup_steps": "train.warmup_steps", "precision": "train.precision",
-    "eval_interval": "train.eval_interval", "eval_batches": "train.eval_batches",
-    "log_interval": "train.log_interval", "ckpt_interval": "train.ckpt_interval",
-    "keep_last": "train.keep_last", "seed": "train.seed", "device": "train.device",
-    "compile": "train.compile", "activation_checkpointing": "train.activation_checkpointing",
-    "block_size": "model.block_size", "arch": "model.arch",
+    "max_steps": "train.max_steps",
+    "micro_batch": "train.micro_batch",
+    "grad_accum": "train.grad_accum",
+    "global_batch": "train.global_batch",
+    "lr": "train.lr",
+    "warmup_steps": "train.warmup_steps",
+    "precision": "train.precision",
+    "eval_interval": "train.eval_interval",
+    "eval_batches": "train.eval_batches",
+    "log_interval": "train.log_interval",
+    "ckpt_interval": "train.ckpt_interval",
+    "keep_last": "train.keep_last",
+    "seed": "train.seed",
+    "device": "train.device",
+    "compile": "train.compile",
+    "activation_checkpointing": "train.activation_checkpointing",
+    "block_size": "model.block_size",
+    "arch": "model.arch",
 }
 
 
@@ -44,8 +54,14 @@ def cmd_tokenizer_train(args) -> int:
     from azllm.documents import iter_all_documents
     from azllm.tokenizer import AzTokenizer, train_tokenizer
 
-    tok = AzTokenizer(train_tokenizer(iter_all_documents(args.input), args.vocab_size,
-                                      min_frequency=args.min_frequency, show_progress=True))
+    tok = AzTokenizer(
+        train_tokenizer(
+            iter_all_documents(args.input),
+            args.vocab_size,
+            min_frequency=args.min_frequency,
+            show_progress=True,
+        )
+    )
     tok.save(Path(args.out))
     print(f"wrote {args.out}: {tok.vocab_size} tokens (sha256 {tok.sha256()[:12]})")
     return 0
@@ -62,8 +78,10 @@ def cmd_tokenizer_stats(args) -> int:
         print(f"words {stats['words']:,}  tokens {stats['tokens']:,}  bytes {stats['bytes']:,}")
         print(f"fertility (tokens/word)  {stats['fertility']:.3f}")
         print(f"bytes per token          {stats['bytes_per_token']:.3f}")
-        print(f"vocabulary used          {stats['vocab_used']:,} of {stats['vocab_size']:,} "
-              f"({100 * stats['vocab_used_fraction']:.1f}%)")
+        print(
+            f"vocabulary used          {stats['vocab_used']:,} of {stats['vocab_size']:,} "
+            f"({100 * stats['vocab_used_fraction']:.1f}%)"
+        )
     return 0
 
 
@@ -71,11 +89,18 @@ def cmd_tokenize(args) -> int:
     from azllm.shards import tokenize_to_shards
     from azllm.tokenizer import load_tokenizer
 
-    meta = tokenize_to_shards(load_tokenizer(args.tokenizer), args.input, Path(args.out),
-                              val_fraction=args.val_fraction, force=args.force)
+    meta = tokenize_to_shards(
+        load_tokenizer(args.tokenizer),
+        args.input,
+        Path(args.out),
+        val_fraction=args.val_fraction,
+        force=args.force,
+    )
     for split, info in meta["splits"].items():
-        print(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens, "
-              f"{info['bytes']:,} bytes in {len(info['shards'])} shard(s)")
+        print(
+            f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens, "
+            f"{info['bytes']:,} bytes in {len(info['shards'])} shard(s)"
+        )
     print(f"wrote {args.out}/meta.json ({meta['dtype']})")
     return 0
 
@@ -93,8 +118,10 @@ def cmd_model_summary(args) -> int:
         print(f"{name:<{width}}  {shape:>14}  {n:>12,}")
     total = model.num_params()
     emb = model.embed.weight.numel()
-    print(f"total {total:,} ({total / 1e6:.1f}M); without token embeddings {total - emb:,}; "
-          f"{model.flops_per_token() / 1e6:.1f} MFLOP per training token")
+    print(
+        f"total {total:,} ({total / 1e6:.1f}M); without token embeddings {total - emb:,}; "
+        f"{model.flops_per_token() / 1e6:.1f} MFLOP per training token"
+    )
     return 0
 
 
@@ -102,14 +129,32 @@ def cmd_train(args) -> int:
     from azllm.config import apply_overrides, load_config
     from azllm.train import train
 
-    overrides = {key: getattr(args, flag) for flag, key in TRAIN_OVERRIDES.items()}
-    overrides.update(_parse_set(args.set))
-    cfg = apply_overrides(load_config(args.config), overrides)
-    last = train(cfg, Path(args.data), Path(args.out), resume=args.resume)
-    if "val_bpb" in last:
-        print(f"done: step {last['step']}, val loss {last['val_loss']:.4f}, "
-              f"{last['val_bpb']:.3f} bits per byte; run in {args.out}")
+    cfg = apply_overrides(load_config(args.config), _overrides(args))
+    _report(train(cfg, Path(args.data), Path(args.out), resume=args.resume), args.out)
     return 0
+
+
+def cmd_sft(args) -> int:
+    from azllm.chat.sft import sft
+
+    last = sft(
+        Path(args.run),
+        args.data,
+        Path(args.out),
+        overrides=_overrides(args),
+        resume=args.resume,
+        val_fraction=args.val_fraction,
+    )
+    _report(last, args.out)
+    return 0
+
+
+def _report(last: dict, out: str) -> None:
+    if "val_bpb" in last:
+        print(
+            f"done: step {last['step']}, val loss {last['val_loss']:.4f}, "
+            f"{last['val_bpb']:.3f} bits per byte; run in {out}"
+        )
 
 
 def cmd_generate(args) -> int:
@@ -127,9 +172,17 @@ def cmd_generate(args) -> int:
     if stream:
         print(prompts[0], end="", flush=True)
     outs = generate(
-        model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=tok.eos_id,
-        pad_id=tok.pad_id, use_cache=not args.no_cache, precision=precision,
+        model,
+        ids,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+        use_cache=not args.no_cache,
+        precision=precision,
         on_token=(lambda _, t: print(decoder.push(t), end="", flush=True)) if stream else None,
     )
     if stream:
@@ -153,8 +206,10 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(res))
     else:
-        print(f"{args.text}: loss {res['loss']:.4f}, perplexity {res['perplexity']:.2f}, "
-              f"{res['bpb']:.4f} bits per byte ({res['tokens']:,} tokens, {res['bytes']:,} bytes)")
+        print(
+            f"{args.text}: loss {res['loss']:.4f}, perplexity {res['perplexity']:.2f}, "
+            f"{res['bpb']:.4f} bits per byte ({res['tokens']:,} tokens, {res['bytes']:,} bytes)"
+        )
     return 0
 
 
@@ -163,6 +218,40 @@ def cmd_quickstart(args) -> int:
 
     quickstart(Path(args.out), minutes=args.minutes, force=args.force)
     return 0
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    for flag in (
+        "max_steps",
+        "micro_batch",
+        "grad_accum",
+        "global_batch",
+        "warmup_steps",
+        "eval_interval",
+        "eval_batches",
+        "log_interval",
+        "ckpt_interval",
+        "keep_last",
+        "seed",
+        "block_size",
+    ):
+        p.add_argument("--" + flag.replace("_", "-"), type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--arch", choices=["llama", "gpt2"])
+    p.add_argument("--device")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument(
+        "--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None
+    )
+    p.add_argument("--set", nargs="*", help="any config field: model.n_layer=4 train.beta2=0.99")
+
+
+def _overrides(args) -> dict:
+    overrides = {key: getattr(args, flag) for flag, key in TRAIN_OVERRIDES.items()}
+    overrides.update(_parse_set(args.set))
+    return {k: v for k, v in overrides.items() if v is not None}
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -209,20 +298,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="preset (tiny, baby, small, az-100m) or TOML")
     p.add_argument("--data", required=True, help="folder written by azllm tokenize")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    for flag in ("max_steps", "micro_batch", "grad_accum", "global_batch", "warmup_steps",
-                 "eval_interval", "eval_batches", "log_interval", "ckpt_interval", "keep_last",
-                 "seed", "block_size"):
-        p.add_argument("--" + flag.replace("_", "-"), type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--arch", choices=["llama", "gpt2"])
-    p.add_argument("--device")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
-                   default=None)
-    p.add_argument("--set", nargs="*", help="any config field: model.n_layer=4 train.beta2=0.99")
+    _train_flags(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sft", help="fine-tune a pretrained run on dialogues (chat)")
+    p.add_argument("--run", required=True, help="the pretrained run to start from")
+    p.add_argument("--data", nargs="+", required=True, help="JSONL files or folders")
+    p.add_argument("--out", required=True, help="the new chat run directory")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    _train_flags(p)
+    p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("generate", help="sample text from a trained run")
     _sampling_flags(p)

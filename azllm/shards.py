@@ -187,6 +187,20 @@ class TokenBatches:
                     shards.append(_Shard(data, len(data) - block_size))
             self.splits[split] = shards
 
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.dir / "tokenizer.json"
+
+    def has_split(self, split: str) -> bool:
+        return bool(self.splits.get(split))
+
+    def batch(
+        self, split: str, key: int, n: int, rows: slice | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, next-token targets), each [rows, block_size]: the trainer's interface."""
+        b = self.global_batch(split, key, n, rows)
+        return b[:, :-1], b[:, 1:]
+
     def tokens(self, split: str) -> int:
         return self.meta["splits"][split]["tokens"]
 

@@ -27,6 +27,7 @@ from azllm.atomic import atomic_write_text
 from azllm.checkpoint import (
     checkpoint_dirs,
     load_checkpoint,
+    load_weights,
     save_checkpoint,
     save_weights,
     unwrap,
@@ -86,9 +87,8 @@ def make_optimizer(model: GPT, cfg, device: torch.device) -> torch.optim.AdamW:
     )
 
 
-def prepare_run(cfg: Config, data_dir: Path, run_dir: Path, resume: bool) -> Config:
+def prepare_run(cfg: Config, meta: dict, data_dir: Path, run_dir: Path, resume: bool) -> Config:
     """Take the vocab from the data, check it against an existing run, return the final config."""
-    meta = read_meta(data_dir)
     if resume:
         saved = load_run_config(run_dir)
         if dataclasses.replace(cfg.model, vocab_size=saved.model.vocab_size) != saved.model:
@@ -115,9 +115,22 @@ def prepare_run(cfg: Config, data_dir: Path, run_dir: Path, resume: bool) -> Con
 
 
 def train(
-    cfg: Config, data_dir: Path, run_dir: Path, *, resume: bool = False, progress: bool = True
+    cfg: Config,
+    data_dir: Path | None,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    data=None,
+    init_weights: Path | None = None,
 ) -> dict:
-    """Train (or resume) and return the last logged metrics."""
+    """Train (or resume) and return the last logged metrics.
+
+    Pretraining reads token shards from data_dir. Other sources (chat fine-tuning) pass `data`:
+    any object with .meta (tokenizer_sha256, vocab_size), .dir, .tokenizer_path, .has_split(),
+    .bytes_per_token(split) and .batch(split, key, n, rows) -> (inputs, targets with -1 where no
+    loss is taken). init_weights starts a new run from another run's weights.
+    """
     cfg.validate()
     tc = cfg.train
     d, device = setup_distributed(tc.device)
@@ -125,7 +138,8 @@ def train(
     run_dir = Path(run_dir)
     if resume and not checkpoint_dirs(run_dir):
         raise AzllmError(f"{run_dir}: no checkpoint to resume from")
-    cfg = prepare_run(cfg, Path(data_dir), run_dir, resume)
+    meta = data.meta if data is not None else read_meta(data_dir)
+    cfg = prepare_run(cfg, meta, data.dir if data is not None else Path(data_dir), run_dir, resume)
 
     # Global batch: sequences per optimizer step over all processes.
     if tc.global_batch:
@@ -140,17 +154,20 @@ def train(
     tokens_per_step = global_batch * cfg.model.block_size
 
     torch.manual_seed(tc.seed)
-    data = TokenBatches(data_dir, cfg.model.block_size, tc.seed)
+    if data is None:
+        data = TokenBatches(data_dir, cfg.model.block_size, tc.seed)
     if d.master:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
-        load_tokenizer(Path(data_dir) / "tokenizer.json").save(run_dir / "tokenizer.json")
+        load_tokenizer(data.tokenizer_path).save(run_dir / "tokenizer.json")
 
     model = GPT(cfg.model).to(device)
     model.gradient_checkpointing = tc.activation_checkpointing
     optimizer = make_optimizer(model, tc, device)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     start, best_val = 0, float("inf")
+    if init_weights is not None and not resume:
+        load_weights(model, init_weights)
     if resume:
         state = load_checkpoint(checkpoint_dirs(run_dir)[-1], model, optimizer, scaler)
         start, best_val = state["step"], state["best_val_loss"]
@@ -187,24 +204,19 @@ def train(
     per_rank = tc.micro_batch * tc.grad_accum
     rows = slice(d.rank * per_rank, (d.rank + 1) * per_rank)
     bpt = data.bytes_per_token("val")
-    has_val = bool(data.splits.get("val"))
+    has_val = data.has_split("val")
     if d.master and not has_val:
-        print(f"note: {data_dir} has no validation windows; validation loss is skipped")
+        print(f"note: {data.dir} has no validation data; validation loss is skipped")
 
     def evaluate() -> float:
         model.eval()
         total = torch.zeros((), device=device)
         with torch.no_grad():
             for i in range(tc.eval_batches):
-                b = data.global_batch(
-                    "val",
-                    i,
-                    tc.micro_batch * d.world,
-                    slice(d.rank * tc.micro_batch, (d.rank + 1) * tc.micro_batch),
-                )
-                b = b.to(device)
+                mine = slice(d.rank * tc.micro_batch, (d.rank + 1) * tc.micro_batch)
+                x, y = data.batch("val", i, tc.micro_batch * d.world, mine)
                 with autocast(device, precision):
-                    _, loss = model(b[:, :-1], b[:, 1:])
+                    _, loss = model(x.to(device), y.to(device))
                 total += loss.float()
         if d.world > 1:
             dist.all_reduce(total, op=dist.ReduceOp.AVG)
@@ -221,11 +233,12 @@ def train(
             lr = lr_at(step, tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = data.global_batch("train", step, global_batch, rows)
+            xs, ys = data.batch("train", step, global_batch, rows)
             if device.type == "cuda":
-                batch = batch.pin_memory().to(device, non_blocking=True)
+                xs = xs.pin_memory().to(device, non_blocking=True)
+                ys = ys.pin_memory().to(device, non_blocking=True)
             for micro in range(tc.grad_accum):
-                mb = batch[micro * tc.micro_batch : (micro + 1) * tc.micro_batch]
+                part = slice(micro * tc.micro_batch, (micro + 1) * tc.micro_batch)
                 # Under DDP, all-reduce gradients only on the last micro-batch.
                 sync_ctx = (
                     model.no_sync()
@@ -233,7 +246,7 @@ def train(
                     else (nullcontext())
                 )
                 with sync_ctx, autocast(device, precision):
-                    _, loss = model(mb[:, :-1], mb[:, 1:])
+                    _, loss = model(xs[part], ys[part])
                     loss = loss / tc.grad_accum
                 scaler.scale(loss).backward()
                 loss_sum += loss.detach()

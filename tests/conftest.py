@@ -62,3 +62,17 @@ def data_dir(tmp_path_factory, tok) -> Path:
     out = tmp_path_factory.mktemp("data") / "shards"
     tokenize_to_shards(tok, [SAMPLE], out, val_fraction=0.1, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, data_dir) -> Path:
+    """A pretrained `tiny` run (context 128) on the bundled corpus."""
+    from azllm.config import apply_overrides, load_config
+    from azllm.train import train
+
+    run = tmp_path_factory.mktemp("tiny_run") / "run"
+    cfg = apply_overrides(load_config("tiny"), {
+        "model.block_size": 128, "train.precision": "fp32", "train.max_steps": 60,
+        "train.eval_interval": 60, "train.ckpt_interval": 60})
+    train(cfg, data_dir, run, progress=False)
+    return run

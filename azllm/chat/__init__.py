@@ -1,0 +1,1 @@
+"""Chat: fine-tuning on dialogues, the terminal chat, the server."""

@@ -1,0 +1,165 @@
+"""Chat data: conversations from JSONL, validated, tokenized with the chat template, batched.
+
+Accepted records (one JSON object per line; files or folders of *.jsonl):
+- {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}  (multi-turn)
+- Alpaca: {"instruction": ..., "input": ... (optional), "output": ...}
+- DialogSum: {"dialogue": ..., "summary": ...}  -> "summarise this dialogue" / summary
+Problems are reported as file:line and what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from azllm.errors import AzllmError
+from azllm.tokenizer import CHAT_ROLES, AzTokenizer
+
+SUMMARY_PROMPT = "Bu dialoqun qısa xülasəsini yaz:\n\n"
+
+
+def to_messages(record: object, where: str) -> list[dict]:
+    """One record in any accepted shape -> a validated list of messages."""
+    if not isinstance(record, dict):
+        raise AzllmError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        messages = record["messages"]
+    elif "instruction" in record and "output" in record:
+        prompt = str(record["instruction"]).strip()
+        if str(record.get("input") or "").strip():
+            prompt += "\n\n" + str(record["input"]).strip()
+        messages = [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": str(record["output"])},
+        ]
+    elif "dialogue" in record and "summary" in record:
+        messages = [
+            {"role": "user", "content": SUMMARY_PROMPT + str(record["dialogue"])},
+            {"role": "assistant", "content": str(record["summary"])},
+        ]
+    else:
+        raise AzllmError(
+            f'{where}: no "messages" field (nor Alpaca instruction/output, nor '
+            f"DialogSum dialogue/summary); keys are {sorted(record)[:6]}"
+        )
+    if not isinstance(messages, list) or not messages:
+        raise AzllmError(f'{where}: "messages" must be a non-empty list')
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise AzllmError(f'{where}: messages[{i}] needs a string "content"')
+        if m.get("role") not in CHAT_ROLES:
+            raise AzllmError(
+                f"{where}: messages[{i}].role {m.get('role')!r} is not one of "
+                f"{', '.join(CHAT_ROLES)}"
+            )
+        if m["role"] == "system" and i != 0:
+            raise AzllmError(f"{where}: messages[{i}]: a system message may only come first")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise AzllmError(f"{where}: no assistant message, so nothing to learn from")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def load_conversations(paths: list[str | Path]) -> list[list[dict]]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.rglob("*.jsonl"))
+            if not found:
+                raise AzllmError(f"{p}: folder has no .jsonl files")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise AzllmError(f"--data {p}: no such file or folder")
+    conversations = []
+    for f in files:
+        try:
+            lines = f.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise AzllmError(f"{f}: not UTF-8 text; convert it to UTF-8") from None
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise AzllmError(f"{f}:{n}: not valid JSON ({e.msg})") from None
+            conversations.append(to_messages(record, f"{f}:{n}"))
+    if not conversations:
+        raise AzllmError(f"no conversations in {', '.join(map(str, paths))}")
+    return conversations
+
+
+def is_val(messages: list[dict], val_fraction: float) -> bool:
+    key = json.dumps(messages, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") / 2**64 < (
+        val_fraction
+    )
+
+
+class ChatBatches:
+    """Conversations as padded rows: inputs, and targets that are -1 except on the assistant's
+    tokens. Same interface as shards.TokenBatches, so the pretraining loop trains on it as is;
+    rows are picked by a hash of (seed, split, step), so resume stays exact."""
+
+    def __init__(
+        self,
+        conversations: list[list[dict]],
+        tok: AzTokenizer,
+        tokenizer_path: Path,
+        block_size: int,
+        seed: int,
+        val_fraction: float = 0.1,
+        label: str = "chat",
+    ) -> None:
+        self.tokenizer_path, self.block_size, self.seed = Path(tokenizer_path), block_size, seed
+        self.dir = Path(label)
+        self.rows: dict[str, list[tuple[list[int], list[int]]]] = {"train": [], "val": []}
+        self.bytes = {"train": 0, "val": 0}
+        self.truncated = 0
+        for messages in conversations:
+            ids, mask = tok.encode_chat(messages)
+            if len(ids) > block_size + 1:
+                ids, mask = ids[: block_size + 1], mask[: block_size + 1]
+                self.truncated += 1
+            targets = [t if m else -1 for t, m in zip(ids[1:], mask[1:], strict=True)]
+            if all(t == -1 for t in targets):  # the reply fell beyond the context: nothing to learn
+                continue
+            split = "val" if is_val(messages, val_fraction) else "train"
+            self.rows[split].append((ids[:-1], targets))
+            self.bytes[split] += sum(
+                len(m["content"].encode()) for m in messages if m["role"] == "assistant"
+            )
+        if not self.rows["train"]:
+            raise AzllmError(f"{label}: no conversation fits the context of {block_size} tokens")
+        self.pad_id = tok.pad_id
+        self.meta = {"tokenizer_sha256": tok.sha256(), "vocab_size": tok.vocab_size}
+
+    def has_split(self, split: str) -> bool:
+        return bool(self.rows[split])
+
+    def count(self, split: str) -> int:
+        return len(self.rows[split])
+
+    def trained_tokens(self, split: str) -> int:
+        return sum(sum(t != -1 for t in y) for _, y in self.rows[split])
+
+    def bytes_per_token(self, split: str) -> float:
+        """UTF-8 bytes of assistant text per trained token (for bits per byte of replies)."""
+        return self.bytes[split] / max(self.trained_tokens(split), 1)
+
+    def batch(self, split: str, key: int, n: int, rows: slice | None = None):
+        digest = hashlib.blake2b(f"{self.seed}/{split}/{key}".encode(), digest_size=8).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        picks = torch.randint(0, len(self.rows[split]), (n,), generator=g).tolist()
+        picks = picks[rows] if rows is not None else picks
+        x = torch.full((len(picks), self.block_size), self.pad_id, dtype=torch.long)
+        y = torch.full((len(picks), self.block_size), -1, dtype=torch.long)
+        for r, i in enumerate(picks):
+            ids, targets = self.rows[split][i]
+            x[r, : len(ids)] = torch.tensor(ids)
+            y[r, : len(targets)] = torch.tensor(targets)
+        return x, y

@@ -1,0 +1,67 @@
+"""Supervised fine-tuning: a pretrained run + dialogues -> a chat run.
+
+The pretraining loop does the work (precision, accumulation, checkpoints, exact resume); only the
+data differs: padded conversations whose targets are the assistant's tokens alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from azllm.chat.data import ChatBatches, load_conversations
+from azllm.config import apply_overrides, load_run_config
+from azllm.errors import AzllmError
+from azllm.tokenizer import load_tokenizer
+from azllm.train import train
+
+# Fine-tuning defaults: short, gentle, no weight decay (the base is already regularised).
+SFT_DEFAULTS = {
+    "train.max_steps": 300,
+    "train.lr": 3e-4,
+    "train.warmup_steps": 20,
+    "train.min_lr_ratio": 0.0,
+    "train.weight_decay": 0.0,
+    "train.micro_batch": 8,
+    "train.grad_accum": 1,
+    "train.eval_interval": 50,
+    "train.eval_batches": 8,
+    "train.ckpt_interval": 100,
+    "train.log_interval": 10,
+}
+
+
+def sft(
+    base_run: Path,
+    data_paths: list,
+    out_run: Path,
+    *,
+    overrides: dict | None = None,
+    resume: bool = False,
+    val_fraction: float = 0.1,
+    progress: bool = True,
+) -> dict:
+    base_run = Path(base_run)
+    weights = base_run / "model.safetensors"
+    if not weights.exists():
+        raise AzllmError(f"--run {base_run}: no model.safetensors; give a run made by azllm train")
+    cfg = apply_overrides(load_run_config(base_run), {**SFT_DEFAULTS, **(overrides or {})})
+    tok = load_tokenizer(base_run / "tokenizer.json")
+    conversations = load_conversations(data_paths)
+    data = ChatBatches(
+        conversations,
+        tok,
+        base_run / "tokenizer.json",
+        cfg.model.block_size,
+        cfg.train.seed,
+        val_fraction,
+        label=", ".join(map(str, data_paths)),
+    )
+    if progress:
+        print(
+            f"chat data: {data.count('train')} train / {data.count('val')} held-out "
+            f"conversations ({data.trained_tokens('train'):,} trained tokens); "
+            f"{data.truncated} cut to the context of {cfg.model.block_size}"
+        )
+    return train(
+        cfg, None, out_run, data=data, init_weights=weights, resume=resume, progress=progress
+    )
