@@ -31,6 +31,9 @@ TRAIN_OVERRIDES = {
     "device": "train.device",
     "compile": "train.compile",
     "activation_checkpointing": "train.activation_checkpointing",
+    "strategy": "train.strategy",
+    "optimizer_state": "train.optimizer_state",
+    "chunked_ce": "train.chunked_ce",
     "block_size": "model.block_size",
     "arch": "model.arch",
 }
@@ -235,11 +238,14 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
         "keep_last",
         "seed",
         "block_size",
+        "chunked_ce",
     ):
         p.add_argument("--" + flag.replace("_", "-"), type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--arch", choices=["llama", "gpt2"])
+    p.add_argument("--strategy", choices=["ddp", "fsdp"], help="under torchrun")
+    p.add_argument("--optimizer-state", choices=["fp32", "bf16", "8bit"])
     p.add_argument("--device")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument(

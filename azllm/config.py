@@ -18,6 +18,8 @@ from azllm.errors import AzllmError
 
 ARCHS = ("llama", "gpt2")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+OPTIMIZER_STATES = ("fp32", "bf16", "8bit")
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -89,6 +91,9 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     compile: bool = False
     activation_checkpointing: bool = False
+    chunked_ce: int = 0  # >0: cross-entropy over this many tokens at a time, logits recomputed
+    optimizer_state: str = "fp32"  # fp32 | bf16 (half the memory) | 8bit (bitsandbytes, CUDA)
+    strategy: str = "ddp"  # under torchrun: ddp (replicate) | fsdp (shard per block, FSDP2)
     eval_interval: int = 100
     eval_batches: int = 20
     log_interval: int = 10
@@ -112,6 +117,14 @@ class TrainConfig:
         ):
             if getattr(self, name) <= 0:
                 raise AzllmError(f"train.{name} must be a positive integer")
+        if self.optimizer_state not in OPTIMIZER_STATES:
+            raise AzllmError(
+                f"train.optimizer_state: {self.optimizer_state!r} is not one of {OPTIMIZER_STATES}"
+            )
+        if self.strategy not in STRATEGIES:
+            raise AzllmError(f"train.strategy: {self.strategy!r} is not one of {STRATEGIES}")
+        if self.chunked_ce < 0:
+            raise AzllmError("train.chunked_ce must be 0 (off) or a positive number of tokens")
         if self.lr <= 0:
             raise AzllmError("train.lr must be positive")
         if self.warmup_steps < 0 or self.global_batch < 0:

@@ -155,6 +155,28 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
+def _ce_sum(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(x, weight).float()
+    return F.cross_entropy(logits, targets, ignore_index=-1, reduction="sum")
+
+
+def chunked_cross_entropy(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """Mean cross-entropy of lm_head(x) without ever holding all (tokens x vocab) logits.
+
+    Each chunk's logits are made, reduced to a sum and dropped; backward recomputes them
+    (activation checkpointing), so peak memory is one chunk's logits instead of the batch's.
+    """
+    x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+    total = x.new_zeros((), dtype=torch.float32)
+    for i in range(0, targets.numel(), chunk):
+        total = total + checkpoint(
+            _ce_sum, x[i : i + chunk], weight, targets[i : i + chunk], use_reentrant=False
+        )
+    return total / (targets != -1).sum().clamp(min=1)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -178,6 +200,7 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.gradient_checkpointing = False
+        self.ce_chunk = 0  # set by the trainer: >0 computes the loss in chunks (logits: None)
         self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module) -> None:
@@ -242,6 +265,8 @@ class GPT(nn.Module):
             cache.next_pos += real.long().sum(1)
         if last_only:
             x = x[:, -1:]
+        if targets is not None and self.ce_chunk:
+            return None, chunked_cross_entropy(x, self.lm_head.weight, targets, self.ce_chunk)
         logits = self.lm_head(x)
         loss = None
         if targets is not None:

@@ -24,7 +24,7 @@ from azllm.errors import AzllmError
 from azllm.generate import generate
 from azllm.model import GPT
 from azllm.shards import TokenBatches, tokenize_to_shards
-from azllm.tokenizer import AzTokenizer, train_tokenizer, tokenizer_stats
+from azllm.tokenizer import AzTokenizer, tokenizer_stats, train_tokenizer
 from azllm.train import train
 
 MARKER = "quickstart.json"

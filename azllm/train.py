@@ -33,10 +33,17 @@ from azllm.checkpoint import (
     unwrap,
 )
 from azllm.config import Config, load_run_config
-from azllm.device import autocast, measure_matmul_peak, resolve_device, resolve_precision
+from azllm.device import (
+    DTYPES,
+    autocast,
+    measure_matmul_peak,
+    resolve_device,
+    resolve_precision,
+)
 from azllm.errors import AzllmError
 from azllm.metrics import MetricsLog, plot_loss
 from azllm.model import GPT
+from azllm.optim import make_adamw
 from azllm.shards import TokenBatches, read_meta
 from azllm.tokenizer import load_tokenizer
 
@@ -74,7 +81,7 @@ def lr_at(step: int, cfg) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def make_optimizer(model: GPT, cfg, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: GPT, cfg, device: torch.device) -> torch.optim.Optimizer:
     # Matrices decay; biases and norm gains do not (decaying them only hurts).
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -82,9 +89,21 @@ def make_optimizer(model: GPT, cfg, device: torch.device) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda"
+    return make_adamw(
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), state=cfg.optimizer_state, device=device
     )
+
+
+def shard_fsdp(model: GPT, precision: str) -> None:
+    """FSDP2: each block its own shard group, then the root (embeddings, final norm, head)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy()
+    if precision != "fp32":  # compute in half precision, reduce gradients in fp32
+        mp = MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=torch.float32)
+    for block in model.blocks:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
 
 
 def prepare_run(cfg: Config, meta: dict, data_dir: Path, run_dir: Path, resume: bool) -> Config:
@@ -163,6 +182,10 @@ def train(
 
     model = GPT(cfg.model).to(device)
     model.gradient_checkpointing = tc.activation_checkpointing
+    model.ce_chunk = tc.chunked_ce
+    fsdp = d.world > 1 and tc.strategy == "fsdp"
+    if fsdp:  # before the optimizer: it must see the sharded parameters
+        shard_fsdp(model, precision)
     optimizer = make_optimizer(model, tc, device)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     start, best_val = 0, float("inf")
@@ -180,10 +203,15 @@ def train(
     peak = measure_matmul_peak(device, precision)
     if tc.compile:
         model = torch.compile(model)
-    if d.world > 1:
+    if d.world > 1 and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # FSDP's mixed-precision policy casts parameters itself; autocast is for the other paths.
+    amp_precision = "fp32" if fsdp else precision
+
+    def amp():
+        return autocast(device, amp_precision)
 
     log = MetricsLog(run_dir, resume_step=start) if d.master else None
     # A progress bar on a terminal; on a pipe or in CI (no TTY) plain lines at each evaluation.
@@ -215,7 +243,7 @@ def train(
             for i in range(tc.eval_batches):
                 mine = slice(d.rank * tc.micro_batch, (d.rank + 1) * tc.micro_batch)
                 x, y = data.batch("val", i, tc.micro_batch * d.world, mine)
-                with autocast(device, precision):
+                with amp():
                     _, loss = model(x.to(device), y.to(device))
                 total += loss.float()
         if d.world > 1:
@@ -239,13 +267,14 @@ def train(
                 ys = ys.pin_memory().to(device, non_blocking=True)
             for micro in range(tc.grad_accum):
                 part = slice(micro * tc.micro_batch, (micro + 1) * tc.micro_batch)
-                # Under DDP, all-reduce gradients only on the last micro-batch.
-                sync_ctx = (
-                    model.no_sync()
-                    if d.world > 1 and micro < tc.grad_accum - 1
-                    else (nullcontext())
-                )
-                with sync_ctx, autocast(device, precision):
+                # Under DDP/FSDP, reduce gradients only on the last micro-batch.
+                last_micro = micro == tc.grad_accum - 1
+                sync_ctx = nullcontext()
+                if fsdp:
+                    model.set_requires_gradient_sync(last_micro)
+                elif d.world > 1 and not last_micro:
+                    sync_ctx = model.no_sync()
+                with sync_ctx, amp():
                     _, loss = model(xs[part], ys[part])
                     loss = loss / tc.grad_accum
                 scaler.scale(loss).backward()
@@ -262,6 +291,7 @@ def train(
                 if d.world > 1:
                     dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
                 train_loss = loss_sum.item() / steps_since_log
+                gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
                 dt = time.perf_counter() - t_log
                 tok_s = tokens_per_step * steps_since_log / dt
                 mfu = flops_per_step * steps_since_log / dt / (peak * d.world)
@@ -269,7 +299,7 @@ def train(
                     "step": step,
                     "loss": train_loss,
                     "lr": lr,
-                    "grad_norm": float(grad_norm),
+                    "grad_norm": float(gn),
                     "tokens": step * tokens_per_step,
                     "tok_per_s": tok_s,
                     "mfu": mfu,
@@ -286,11 +316,11 @@ def train(
             if has_val and (step % tc.eval_interval == 0 or step == tc.max_steps):
                 val = evaluate()
                 last.update(val_loss=val, val_bpb=val / math.log(2) / bpt)
+                if val < best_val:  # the same on every process (val is all-reduced)
+                    best_val = val
+                    save_weights(model, run_dir / "best.safetensors", write=d.master)
                 if d.master:
                     log.write(step=step, val_loss=val, val_bpb=last["val_bpb"])
-                    if val < best_val:
-                        best_val = val
-                        save_weights(model, run_dir / "best.safetensors")
                     plot_loss(run_dir)
                     say(
                         f"step {step}: train loss {last['loss']:.4f}, val loss {val:.4f}, "
@@ -299,8 +329,9 @@ def train(
                 t_log = time.perf_counter()  # keep eval time out of tokens/s
 
             if step % tc.ckpt_interval == 0 or step == tc.max_steps:
-                if d.master:
-                    save_checkpoint(run_dir, step, model, optimizer, scaler, best_val, tc.keep_last)
+                save_checkpoint(
+                    run_dir, step, model, optimizer, scaler, best_val, tc.keep_last, d.master
+                )
                 if d.world > 1:
                     dist.barrier()
             bar.update(1)

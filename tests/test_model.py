@@ -105,3 +105,22 @@ def test_stream_decoder_waits_for_whole_characters(tok):
     pieces = [d.push(t) for t in ids]
     assert "".join(pieces) == "Əksinə, göyərçin 🚀 uçur"
     assert all("\ufffd" not in p for p in pieces)
+
+
+@pytest.mark.parametrize("arch,kw", ARCHS[:2])
+def test_chunked_cross_entropy_matches_the_plain_loss_and_gradients(arch, kw):
+    m = tiny(arch, **kw).train()
+    x = torch.randint(0, 97, (3, 20))
+    y = torch.randint(0, 97, (3, 20))
+    y[0, :5] = -1  # ignored targets must be left out of the mean in both
+    _, plain = m(x, y)
+    plain.backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    m.ce_chunk = 7  # does not divide 60 tokens: the last chunk is short
+    logits, chunked = m(x, y)
+    chunked.backward()
+    assert logits is None
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-6)
+    for n, p in m.named_parameters():
+        assert torch.allclose(p.grad, grads[n], atol=1e-6), n

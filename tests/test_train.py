@@ -86,3 +86,33 @@ def test_two_process_ddp_matches_one_process(tmp_path, data_dir):
     va = [r["val_loss"] for r in read_metrics(one) if "val_loss" in r]
     vb = [r["val_loss"] for r in read_metrics(two) if "val_loss" in r]
     assert va == pytest.approx(vb, rel=1e-4)
+
+
+def _torchrun(*args, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         f"--nproc_per_node={nproc}", "-m", "azllm.cli", "train", *map(str, args)],
+        capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_fsdp_matches_one_process_and_its_checkpoint_resumes_in_one(tmp_path, data_dir):
+    common = [*TINY, "--data", data_dir, "--max-steps", "8", "--eval-interval", "4",
+              "--ckpt-interval", "4", "--keep-last", "2", "--chunked-ce", "50",
+              "--optimizer-state", "bf16"]
+    one = tmp_path / "one"
+    run_cli("train", *common, "--out", one, "--micro-batch", "4", "--grad-accum", "2")
+    fsdp = tmp_path / "fsdp"
+    _torchrun(*common, "--out", fsdp, "--micro-batch", "2", "--grad-accum", "2",
+              "--strategy", "fsdp")
+    a, b = _losses(one), _losses(fsdp)
+    assert [s for s, _ in b] == list(range(1, 9))
+    assert [x for _, x in a] == pytest.approx([y for _, y in b], rel=1e-4)
+    # as if killed after step 4: drop the later checkpoint, resume on ONE process
+    import shutil
+
+    shutil.rmtree(fsdp / "checkpoints" / "step-8")
+    run_cli("train", *common, "--out", fsdp, "--micro-batch", "4", "--grad-accum", "2",
+            "--resume")
+    assert [x for _, x in _losses(fsdp)] == pytest.approx([x for _, x in a], rel=1e-4)
