@@ -341,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-quickstart --out")
     p.set_defaults(func=cmd_quickstart)
 
+    # Commands that live with their room register themselves.
+    from azllm.chat.cli import register as register_chat
+
+    register_chat(sub)
     try:  # the corpus builder registers its own commands
         from azllm.corpus.cli import register
     except ImportError:

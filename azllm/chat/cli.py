@@ -1,0 +1,112 @@
+"""`azllm chat` and `azllm serve`: their argparse parsers (wired into azllm/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from azllm.errors import AzllmError
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run directory (azllm train / azllm sft)")
+    p.add_argument("--weights", default="model", choices=["model", "best"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice; 1 is faster on a busy machine)",
+    )
+
+
+def _set_threads(args) -> None:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise AzllmError(f"--threads {args.threads}: must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def cmd_chat(args) -> int:
+    from azllm.chat.terminal import run_chat
+
+    _set_threads(args)
+    return run_chat(args)
+
+
+def cmd_serve(args) -> int:
+    from azllm.chat.server import serve
+
+    _set_threads(args)
+    serve(
+        args.run,
+        host=args.host,
+        port=args.port,
+        weights=args.weights,
+        device=args.device,
+        precision=args.precision,
+        max_batch=args.max_batch,
+        name=args.model_name,
+    )
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("chat", help="talk to a chat model in the terminal")
+    _run_flags(p)
+    p.add_argument("--system", default="", help="system prompt (change it with /system)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="longest reply in tokens (default: half the context)",
+    )
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_chat)
+
+    p = subparsers.add_parser(
+        "serve", help="web chat page + OpenAI-compatible API (/v1/chat/completions, ...)"
+    )
+    _run_flags(p)
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (0.0.0.0 exposes it to the network)",
+    )
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=16,
+        help="most sequences decoded together; more requests wait their turn",
+    )
+    p.add_argument(
+        "--model-name",
+        default=None,
+        help="the model id clients use (default: the run directory's name)",
+    )
+    p.set_defaults(func=cmd_serve)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (`python -m azllm.chat.cli chat --run RUN`) until azllm/cli.py has it."""
+    parser = argparse.ArgumentParser(prog="azllm")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except AzllmError as e:
+        print(f"azllm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

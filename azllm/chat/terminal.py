@@ -1,0 +1,174 @@
+"""`azllm chat`: talk to a run in the terminal, the reply printed token by token.
+
+The conversation is kept and re-sent whole each turn through the one chat template
+(`AzTokenizer.encode_chat`); when it no longer fits `context - max_new_tokens`, the oldest turns
+are dropped (the system prompt stays). Commands: /reset, /system TEXT, /help, /quit; Ctrl-D
+(end of input) leaves, Ctrl-C stops a reply that is being written.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from azllm.chat.engine import Engine
+from azllm.generate import StreamDecoder
+from azllm.tokenizer import AzTokenizer
+
+HELP = (
+    "commands: /reset (forget the conversation), /system TEXT (set the system prompt; "
+    "/system alone clears it), /help, /quit; Ctrl-D leaves, Ctrl-C stops a reply"
+)
+
+
+def fit_history(
+    tok: AzTokenizer, system: str, turns: list[dict], budget: int
+) -> tuple[list[int], list[dict]]:
+    """The prompt ids for system + turns + the assistant header, dropping the oldest turns until
+    it has at most `budget` tokens. Keeps at least the last turn (the caller checks the length);
+    a kept history always starts with a user turn."""
+    head = [{"role": "system", "content": system}] if system else []
+    while True:
+        ids, _ = tok.encode_chat(head + turns, add_generation_prompt=True)
+        if len(ids) <= budget or len(turns) <= 1:
+            return ids, turns
+        turns = turns[1:]
+        while len(turns) > 1 and turns[0]["role"] != "user":
+            turns = turns[1:]
+
+
+def _reader(stdin: TextIO, stdout: TextIO):
+    """input() with line editing on a terminal; plain readline on pipes (tests, scripts)."""
+    if stdin is sys.stdin and stdin.isatty():
+        try:
+            import readline  # noqa: F401  (arrow keys and history for input())
+        except ImportError:
+            pass
+        return input
+
+    def read(prompt: str) -> str:
+        stdout.write(prompt)
+        stdout.flush()
+        line = stdin.readline()
+        if not line:
+            raise EOFError
+        return line.rstrip("\n")
+
+    return read
+
+
+def chat_loop(
+    engine: Engine,
+    tok: AzTokenizer,
+    *,
+    name: str = "azllm",
+    system: str = "",
+    max_new_tokens: int | None = None,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stdin: TextIO = sys.stdin,
+    stdout: TextIO = sys.stdout,
+) -> int:
+    ctx = engine.ctx
+    if max_new_tokens is None:
+        max_new_tokens = ctx // 2
+    elif max_new_tokens > ctx - 8:  # leave room for at least a short message
+        stdout.write(
+            f"(--max-new-tokens {max_new_tokens} leaves no room in the context of "
+            f"{ctx}; using {ctx // 2})\n"
+        )
+        max_new_tokens = ctx // 2
+    budget = ctx - max_new_tokens
+    read = _reader(stdin, stdout)
+    stdout.write(
+        f"azllm chat with {name} (context {ctx} tokens, replies up to {max_new_tokens}).\n{HELP}\n"
+    )
+    turns: list[dict] = []
+    n_replies = 0
+    while True:
+        try:
+            text = read("you> ")
+        except (EOFError, KeyboardInterrupt):
+            stdout.write("\n")
+            return 0
+        if not text.strip():
+            continue
+        if text.startswith("/"):
+            cmd, _, arg = text.strip().partition(" ")
+            if cmd in ("/quit", "/exit"):
+                return 0
+            if cmd == "/reset":
+                turns = []
+                stdout.write("(conversation cleared)\n")
+            elif cmd == "/system":
+                system = arg.strip()
+                stdout.write("(system prompt set)\n" if system else "(system prompt cleared)\n")
+            elif cmd == "/help":
+                stdout.write(HELP + "\n")
+            else:
+                stdout.write(f"(unknown command {cmd}; {HELP})\n")
+            continue
+
+        before = len(turns)
+        ids, turns = fit_history(tok, system, turns + [{"role": "user", "content": text}], budget)
+        if len(ids) > budget:
+            turns = turns[:-1]
+            stdout.write(
+                f"(that message needs {len(ids)} tokens with the system prompt; at most "
+                f"{budget} fit with replies of {max_new_tokens}: shorten it)\n"
+            )
+            continue
+        dropped = before + 1 - len(turns)
+        if dropped:
+            stdout.write(f"(dropped the {dropped} oldest message(s) to fit the context)\n")
+        stdout.write("bot> ")
+        stdout.flush()
+        req = engine.submit(
+            ids,
+            max_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=None if seed is None else seed + n_replies,
+            stop_ids={tok.end_id, tok.eos_id},
+        )
+        n_replies += 1
+        decoder, reply = StreamDecoder(tok.decode), []
+        try:
+            for t in req.stream():
+                reply.append(t)
+                stdout.write(decoder.push(t))
+                stdout.flush()
+        except KeyboardInterrupt:
+            engine.cancel(req)
+            stdout.write(" [stopped]")
+        stdout.write("\n")
+        turns.append({"role": "assistant", "content": tok.decode(reply)})
+
+
+def run_chat(args) -> int:
+    """`azllm chat` entry point."""
+    from pathlib import Path
+
+    from azllm.checkpoint import load_run
+    from azllm.device import resolve_device, resolve_precision
+
+    device = resolve_device(args.device)
+    model, tok, _ = load_run(Path(args.run), device, args.weights)
+    engine = Engine(model, max_batch=1, precision=resolve_precision(args.precision, device))
+    try:
+        return chat_loop(
+            engine,
+            tok,
+            name=Path(args.run).resolve().name,
+            system=args.system,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+    finally:
+        engine.shutdown()
