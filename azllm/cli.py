@@ -59,7 +59,7 @@ def cmd_tokenizer_train(args) -> int:
 
     tok = AzTokenizer(
         train_tokenizer(
-            iter_all_documents(args.input),
+            iter_all_documents(args.input, train_only=True),
             args.vocab_size,
             min_frequency=args.min_frequency,
             show_progress=True,
@@ -344,13 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     # Commands that live with their room register themselves.
     from azllm.chat.cli import register as register_chat
 
+    from azllm.corpus.cli import register as register_corpus
+
     register_chat(sub)
-    try:  # the corpus builder registers its own commands
-        from azllm.corpus.cli import register
-    except ImportError:
-        pass
-    else:
-        register(sub)
+    register_corpus(sub)
     return parser
 
 

@@ -122,6 +122,8 @@ def iter_documents(path: Path) -> Iterator[str]:
         yield from _txt_documents(path)
 
 
-def iter_all_documents(inputs: list[str | Path]) -> Iterator[str]:
+def iter_all_documents(inputs: list[str | Path], *, train_only: bool = False) -> Iterator[str]:
+    """All documents of all inputs; train_only skips the val file of a built corpus folder."""
     for path in expand_inputs(inputs):
-        yield from iter_documents(path)
+        if not (train_only and split_hint(path) == "val"):
+            yield from iter_documents(path)

@@ -1,0 +1,456 @@
+"""The corpus build: read → extract → clean → line cleanup → language → filters → dedup → write.
+
+    report = build_corpus(["raw/"], "corpus/", lang="az", dedup="near", workers=4)
+
+Streaming and parallel: the main process reads documents and hands them in batches to a
+pool of workers, at most a few batches per worker in flight (memory stays bounded whatever
+the input size). Workers do the per-document work — wikitext/HTML extraction, `clean_text`,
+line cleanup, language ID, quality filters, dedup keys and MinHash signatures
+(`process_document`). The main process takes the results back *in input order* and does what
+needs global state: deduplication, the deterministic train/val split and writing. The output
+therefore does not depend on the number of workers.
+
+Output, in DIR: `train.jsonl.zst`, `val.jsonl.zst` (see report.SplitWriter) and
+`report.json`. Everything is written into a temporary folder beside DIR that is renamed to DIR
+only when complete; an error, Ctrl-C or SIGTERM removes it and leaves DIR as it was.
+
+The stages are plain functions (`process_document`, `Deduplicator.check`, `SplitWriter.write`)
+so another executor (e.g. datatrove) can wrap them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import re
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from azllm.atomic import atomic_dir
+from azllm.errors import AzllmError
+
+from .clean import clean_text
+from .dedup import (
+    DedupKeys,
+    Deduplicator,
+    MinHasher,
+    dedup_keys,
+    normalize_lines,
+    pack_ref,
+    unpack_ref,
+    words,
+)
+from .filters import (
+    AZ_STOP_WORDS,
+    FilterConfig,
+    clean_lines,
+    document_reason,
+    language_reason,
+    length_reason,
+)
+from .readers import Document, ReaderOptions, describe_error, expand_inputs, read_documents
+from .report import Report, SplitWriter
+from .wiki import wikitext_to_text
+
+SNIPPET = 400
+_BLANK_RUNS = re.compile(r"\n{3,}")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    lang: str | None = "az"  # None: no language filter
+    lang_threshold: float | None = None  # None: langid's default
+    lang_lines: bool = False  # also drop confidently foreign lines inside kept documents
+    dedup: str = "near"  # near | exact | none
+    near_threshold: float = 0.8
+    num_perm: int = 128
+    line_dedup: bool = True
+    min_line_chars: int = 20
+    max_dup_line_fraction: float = 0.8
+    min_keep_chars: int = 100  # a document left shorter by line dedup is dropped
+    max_dedup_keys: int = 0  # 0: unbounded (see dedup.py for the memory per key)
+    val_fraction: float = 0.01
+    repair: bool = True
+    transliterate: bool = False
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    reader: ReaderOptions = field(default_factory=ReaderOptions)
+    workers: int = 0  # 0: one per CPU core
+    batch_bytes: int = 256 << 10
+    zstd_level: int = 3
+
+
+# --- per document (workers) -----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Processed:
+    source: str
+    id: str
+    bytes_in: int
+    passed: list[tuple[str, int]] = field(default_factory=list)  # (stage, bytes after it)
+    reason: str | None = None
+    text: str = ""  # the final text, or a snippet of a removed document
+    removed_bytes: int = 0
+    lines_removed: dict[str, int] = field(default_factory=dict)
+    lang: str | None = None
+    keys: DedupKeys | None = None
+
+
+def _nbytes(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
+def html_to_text(html: str) -> str:
+    import trafilatura
+
+    return trafilatura.extract(html, include_comments=False, include_tables=False) or ""
+
+
+def process_document(doc: Document, cfg: BuildConfig, minhasher: MinHasher | None) -> Processed:
+    """Everything that needs only the document itself; dedup decisions come later."""
+    p = Processed(doc.source, doc.id, _nbytes(doc.text))
+
+    def drop(stage: str, reason: str, text: str) -> Processed:
+        p.reason, p.text, p.removed_bytes = reason, text[:SNIPPET], _nbytes(text)
+        return p
+
+    text = doc.text
+    if doc.kind == "wikitext":
+        text = wikitext_to_text(text)
+    elif doc.kind == "html":
+        text = html_to_text(text)
+    if not text.strip():
+        return drop("extract", "empty", doc.text)
+    p.passed.append(("extract", _nbytes(text)))
+    text = clean_text(text, repair=cfg.repair, transliterate=cfg.transliterate)
+    if not text.strip():
+        return drop("clean", "empty", doc.text)
+    p.passed.append(("clean", _nbytes(text)))
+    before = text
+    text, removed = clean_lines(text, cfg.filters)
+    p.lines_removed = dict(removed)
+    if not text.strip():
+        return drop("lines", "empty_after_line_cleanup", before)
+    p.passed.append(("lines", _nbytes(text)))
+    # Language before the quality rules: those are tuned for Azerbaijani (stop words), so a
+    # Russian page should be reported as Russian, not as "no stop words". Too-short texts go
+    # first: language ID has nothing to go on there.
+    norm_lines = normalize_lines(text)  # normalised once, shared by filters and dedup keys
+    word_table = words(" ".join(n for n in norm_lines if n))
+    reason = length_reason(text, word_table, cfg.filters)
+    if reason:
+        return drop("filters", reason, text)
+    if cfg.lang:
+        reason, p.lang = language_reason(text, cfg.lang, cfg.lang_threshold)
+        if reason:
+            return drop("language", reason, text)
+        if cfg.lang_lines:
+            from .langid import filter_lines
+
+            kwargs = {} if cfg.lang_threshold is None else {"threshold": cfg.lang_threshold}
+            text, n = filter_lines(text, cfg.lang, **kwargs)
+            if n:
+                p.lines_removed["language"] = n
+                norm_lines = normalize_lines(text)
+                word_table = words(" ".join(n for n in norm_lines if n))
+    p.passed.append(("language", _nbytes(text)))
+    reason = document_reason(text, _filters_for(cfg), word_table)
+    if reason:
+        return drop("filters", reason, text)
+    p.passed.append(("filters", p.passed[-1][1]))
+    if cfg.dedup != "none":
+        p.keys = dedup_keys(
+            text, minhasher, cfg.min_line_chars, cfg.line_dedup, norm_lines, word_table
+        )
+    p.text = text
+    return p
+
+
+def _filters_for(cfg: BuildConfig) -> FilterConfig:
+    """The Azerbaijani stop-word rule only makes sense for Azerbaijani."""
+    if cfg.lang == "az":
+        return cfg.filters
+    cached = _NON_AZ_FILTERS.get(id(cfg.filters))
+    if cached is None or cached[0] is not cfg.filters:  # once per config, not per document
+        f = cfg.filters
+        if f.stop_words == AZ_STOP_WORDS:
+            f = replace(f, min_stop_words=0, verse_min_stop_words=0)
+        cached = (cfg.filters, f)
+        _NON_AZ_FILTERS.clear()
+        _NON_AZ_FILTERS[id(cfg.filters)] = cached
+    return cached[1]
+
+
+_NON_AZ_FILTERS: dict[int, tuple[FilterConfig, FilterConfig]] = {}
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(cfg: BuildConfig, in_child: bool = True) -> None:
+    if in_child:  # Ctrl-C and termination are the main process's to handle
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _WORKER["cfg"] = cfg
+    _WORKER["minhasher"] = (
+        MinHasher(threshold=cfg.near_threshold, num_perm=cfg.num_perm)
+        if cfg.dedup == "near"
+        else None
+    )
+    if cfg.lang:
+        from .langid import _detector
+
+        _detector()  # load lid.176 once; forked workers share it
+
+
+def process_batch(docs: list[Document]) -> list[Processed]:
+    cfg, minhasher = _WORKER["cfg"], _WORKER["minhasher"]
+    out = []
+    for d in docs:
+        try:
+            out.append(process_document(d, cfg, minhasher))
+        except Exception as e:  # one odd page (e.g. HTML the extractor chokes on) must not
+            p = Processed(d.source, d.id, _nbytes(d.text))  # end a run of hours: count it
+            p.reason, p.text = f"error:{describe_error(e)[:80]}", d.text[:SNIPPET]
+            p.removed_bytes = p.bytes_in
+            out.append(p)
+    return out
+
+
+def _batches(docs: Iterable[Document], max_bytes: int) -> Iterator[list[Document]]:
+    batch: list[Document] = []
+    size = 0
+    for doc in docs:
+        batch.append(doc)
+        size += len(doc.text)
+        if size >= max_bytes or len(batch) >= 512:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _run_parallel(docs: Iterable[Document], cfg: BuildConfig, workers: int) -> Iterator[Processed]:
+    """Processed documents in input order; at most 3 batches per worker in flight."""
+    # Set up in the main process first: forked workers then inherit the imports (datasketch
+    # pulls in scipy, ~2 s) and the language model instead of loading them each.
+    _init_worker(cfg, in_child=False)
+    if workers <= 1:
+        for batch in _batches(docs, cfg.batch_bytes):
+            yield from process_batch(batch)
+        return
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    ctx = mp.get_context(method)
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg,)) as pool:
+        pending: deque = deque()
+        for batch in _batches(docs, cfg.batch_bytes):
+            pending.append(pool.apply_async(process_batch, (batch,)))
+            while len(pending) >= 3 * workers:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
+
+
+# --- the build ------------------------------------------------------------------------------
+
+
+def _check_args(out_dir: Path, cfg: BuildConfig, force: bool) -> None:
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise AzllmError(f"{out_dir}: exists and is not a folder; pick another --out")
+        if any(out_dir.iterdir()) and not force:
+            raise AzllmError(f"{out_dir}: folder is not empty; pass --force to replace it")
+    if cfg.dedup not in ("near", "exact", "none"):
+        raise AzllmError(f"--dedup must be near, exact or none, not {cfg.dedup!r}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise AzllmError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
+    if not 0.0 < cfg.near_threshold <= 1.0:
+        raise AzllmError(f"--near-threshold must be in (0, 1], got {cfg.near_threshold}")
+    if cfg.workers < 0:
+        raise AzllmError(f"--workers must be 0 (all cores) or more, got {cfg.workers}")
+    if cfg.reader.text_unit not in ("block", "line", "file"):
+        raise AzllmError(f"--text-unit must be block, line or file, not {cfg.reader.text_unit!r}")
+    if cfg.reader.max_doc_chars < 1:
+        raise AzllmError("--max-doc-chars must be positive")
+    if cfg.lang is not None and not (cfg.lang.isalpha() and 2 <= len(cfg.lang) <= 3):
+        raise AzllmError(f"--lang must be a language code such as az, or none; got {cfg.lang!r}")
+
+
+def deduplicator_for(cfg: BuildConfig) -> Deduplicator:
+    """The Deduplicator a build with `cfg` uses (shared with other executors)."""
+    return Deduplicator(
+        cfg.dedup,
+        lines=cfg.line_dedup,
+        max_dup_line_fraction=cfg.max_dup_line_fraction,
+        min_keep_chars=cfg.min_keep_chars,
+        max_keys=cfg.max_dedup_keys,
+    )
+
+
+class _Terminated(KeyboardInterrupt):
+    pass
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def build_corpus(
+    inputs: list[str | Path],
+    out_dir: str | Path,
+    config: BuildConfig | None = None,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    **overrides,
+) -> Report:
+    """Build DIR/train.jsonl.zst, DIR/val.jsonl.zst and DIR/report.json from `inputs`.
+
+    `config` holds every setting; keyword overrides replace its top-level fields, e.g.
+    `build_corpus(["raw"], "out", lang="az", dedup="exact", workers=2, val_fraction=0.02)`.
+    """
+    cfg = replace(config or BuildConfig(), **overrides)
+    out_dir = Path(out_dir)
+    _check_args(out_dir, cfg, force)
+    files, skipped = expand_inputs(list(inputs), text_field=cfg.reader.text_field, exclude=out_dir)
+    workers = cfg.workers or len(os.sched_getaffinity(0))
+    report = Report(config={"inputs": [str(i) for i in inputs], **asdict(cfg)})
+    report.config["workers"] = workers
+    for source, reason in skipped:
+        report.file_error(source, reason)
+    file_index = {f.source: i for i, f in enumerate(files)}
+    dedup = deduplicator_for(cfg)
+    members: dict[int, list[str]] = {}
+    started = time.time()
+
+    in_main = threading.current_thread() is threading.main_thread()
+    old_handler = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    try:
+        with atomic_dir(out_dir, replace=force) as tmp:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; DIR is an ordinary folder
+            bar = tqdm(
+                total=sum(f.size for f in files),
+                unit="B",
+                unit_scale=True,
+                desc="corpus",
+                disable=None if progress else True,
+            )
+            docs = read_documents(
+                files,
+                cfg.reader,
+                on_error=report.file_error,
+                on_bad_record=report.bad_record,
+                on_bytes=bar.update,
+            )
+            writer = SplitWriter(tmp, cfg.val_fraction, cfg.zstd_level)
+            try:
+                for p in _run_parallel(docs, cfg, workers):
+                    _account(p, report, dedup, writer, file_index, members)
+            finally:
+                bar.close()
+                writer.close()
+            report.seconds = time.time() - started
+            _finish(report, dedup, files, members)
+            (tmp / "report.json").write_text(report.to_json(), encoding="utf-8")
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, old_handler)
+    return report
+
+
+def _account(
+    p: Processed,
+    report: Report,
+    dedup: Deduplicator,
+    writer: SplitWriter,
+    file_index: dict[str, int],
+    members: dict[int, list[str]],
+) -> None:
+    """Fold one processed document into the report, dedup it, write it."""
+    src = report.sources[p.source]
+    src.docs_in += 1
+    src.bytes_in += p.bytes_in
+    report.stage("read", p.bytes_in)
+    for stage, nbytes in p.passed:
+        report.stage(stage, nbytes)
+    for reason, n in p.lines_removed.items():
+        report.removed_lines[reason] += n
+    if p.lang:
+        report.languages[p.lang] += 1
+    if p.reason:
+        report.removed(p.reason, p.id, p.text, p.removed_bytes)
+        return
+    text = p.text
+    if p.keys is not None:
+        ref = pack_ref(file_index[p.source], int(p.id.rpartition("#")[2]))
+        verdict = dedup.check(p.keys, ref)
+        src.lines += sum(1 for ln in text.split("\n") if ln.strip())
+        src.dup_lines += verdict.dup_lines
+        if verdict.reason == "duplicate:lines":
+            report.removed_lines["duplicate_in_dropped_docs"] += verdict.dup_lines
+        if verdict.reason:
+            report.removed(verdict.reason, p.id, text, _nbytes(text))
+            if verdict.head is not None:
+                if verdict.head in members or len(members) < 10_000:
+                    ids = members.setdefault(verdict.head, [])
+                    if len(ids) < 3:
+                        ids.append(p.id)
+            return
+        if verdict.drop_lines:
+            lines = text.split("\n")
+            text = "\n".join(ln for i, ln in enumerate(lines) if i not in verdict.drop_lines)
+            text = _BLANK_RUNS.sub("\n\n", text).strip("\n")
+            report.removed_lines["duplicate"] += verdict.dup_lines
+            report.removed_lines["duplicate_variant"] += verdict.variant_lines
+            other = len(verdict.drop_lines) - verdict.dup_lines - verdict.variant_lines
+            if other:
+                report.removed_lines["duplicate_between"] += other
+            if not text.strip():
+                report.removed("duplicate:lines", p.id, p.text, _nbytes(p.text))
+                return
+    nbytes = _nbytes(text)
+    report.stage("dedup", nbytes)
+    split = writer.write(text, p.source, p.id)
+    report.stage("output", nbytes)
+    report.splits[split].docs += 1
+    report.splits[split].bytes += nbytes
+    src.docs_out += 1
+    src.bytes_out += nbytes
+
+
+def _finish(report: Report, dedup: Deduplicator, files, members: dict[int, list[str]]) -> None:
+    def name(ref: int) -> str:
+        fi, n = unpack_ref(ref)
+        return f"{files[fi].source}#{n}"
+
+    report.duplicate_clusters = [
+        {"id": name(head), "duplicates": n, "examples": members.get(head, [])}
+        for head, n in dedup.clusters.most_common(10)
+    ]
+    rows = []
+    for (fi, earlier), n in dedup.line_overlap.most_common():
+        src = files[fi].source
+        total = report.sources[src].lines
+        other = report.sources[files[earlier].source].lines
+        rows.append(
+            {
+                "source": src,
+                "earlier_source": files[earlier].source,
+                "lines": n,
+                "fraction": round(n / total, 4) if total else 0.0,
+                # the same count over B's lines: approximate (a line B has once may recur in A)
+                "fraction_of_earlier": round(min(1.0, n / other), 4) if other else 0.0,
+            }
+        )
+    report.line_overlap = rows[:50]
+    report.dedup_memory_bytes = dedup.nbytes
+    report.dedup_index_full = dedup.full

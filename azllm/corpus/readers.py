@@ -1,0 +1,494 @@
+"""Readers: files and folders in, a stream of `Document(text, source, id)` out.
+
+Formats, chosen by extension, else by sniffing the first bytes:
+- plain text (`.txt`, `.md`, anything that decodes as UTF-8): see `text_unit` below;
+- JSON Lines (`.jsonl`, `.ndjson`, a `.json` starting with `{`) and JSON arrays of objects (a
+  `.json` starting with `[`, streamed): the text is in `text_field` (default "text", dotted
+  paths such as "meta.body" reach into nested objects) — this is how Hugging Face datasets
+  saved with `to_json`/`to_parquet` come in;
+- Parquet (`.parquet`), read one row group batch at a time, column `text_field`;
+- MediaWiki XML dumps (`.xml`, e.g. `azwiki-latest-pages-articles.xml.bz2`), one document per
+  article (namespace 0, redirects skipped); the wikitext is turned into text by the workers;
+- HTML (`.html`, `.htm`) and WARC/WET (`.warc`, `.wet`): one document per page, main text
+  extracted by trafilatura in the workers;
+- any of these compressed with gzip, bz2, xz or zstd (by extension or magic bytes);
+- folders, recursively, in sorted order (hidden files skipped).
+
+`text_unit` for plain text:
+- "block" (default): a document per blank-line-separated block, and a block longer than
+  `max_doc_chars` is cut at line boundaries. A file with no blank lines at all (a sentence or a
+  verse per line) therefore becomes chunks of consecutive lines of about `max_doc_chars`. We
+  prefer that to one document per line: a single line is too short for language ID and quality
+  rules to judge (poetry lines get called Turkish, sentences fail length rules), and it keeps
+  the context a model learns from. Deduplication works on lines and blocks inside documents,
+  so where the chunk boundaries fall does not matter for it. The cut also bounds memory.
+- "line": a document per non-empty line. "file": the whole file is one document.
+
+A file that cannot be read (corrupt archive, bad permissions, not the format it claims) is
+reported through `on_error(source, reason)` and skipped; the documents it yielded before the
+failure are kept. Records without a usable text field go to `on_bad_record`.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+import json
+import lzma
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import zstandard
+
+from azllm.errors import AzllmError
+
+from .wiki import iter_pages
+
+FORMATS = ("text", "jsonl", "json", "parquet", "wiki", "html", "warc")
+_COMPRESSION_EXT = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd", ".zstd": "zstd"}
+_FORMAT_EXT = {
+    ".txt": "text", ".text": "text", ".md": "text",
+    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
+    ".parquet": "parquet", ".pq": "parquet",
+    ".xml": "wiki",
+    ".html": "html", ".htm": "html", ".xhtml": "html",
+    ".warc": "warc", ".wet": "warc", ".arc": "warc",
+}  # fmt: skip
+_MAGIC = (
+    (b"\x1f\x8b", "gzip"),
+    (b"BZh", "bz2"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+)
+MAX_LINE_CHARS = 1 << 20  # a longer "line" is read in pieces, so memory stays bounded
+MAX_HTML_BYTES = 32 << 20
+
+
+@dataclass(slots=True)
+class Document:
+    text: str
+    source: str
+    id: str
+    kind: str = "text"  # "text", or "wikitext"/"html" still to be turned into text
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: Path
+    source: str  # the name written to the corpus: path relative to the inputs' common folder
+    fmt: str
+    compression: str | None
+    size: int
+
+
+@dataclass(frozen=True)
+class ReaderOptions:
+    text_field: str = "text"
+    text_unit: str = "block"  # block | line | file
+    max_doc_chars: int = 5000
+    wiki_namespaces: tuple[int, ...] = (0,)
+
+
+class UnknownFormat(ValueError):
+    pass
+
+
+def describe_error(e: BaseException) -> str:
+    """`zlib.error: Error -3 while decompressing data: invalid block type`, at most 300 chars."""
+    kind = type(e).__qualname__
+    if type(e).__module__ not in ("builtins", "__main__"):
+        kind = f"{type(e).__module__}.{kind}"
+    return f"{kind}: {e}"[:300]
+
+
+# --- opening and sniffing ---------------------------------------------------------------------
+
+
+class _CountingReader(io.RawIOBase):
+    """Passes reads through and reports how many raw (compressed) bytes went by."""
+
+    def __init__(self, raw: IO[bytes], on_bytes: Callable[[int], None]):
+        self._raw, self._on_bytes = raw, on_bytes
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self._raw.readinto(b)
+        if n:
+            self._on_bytes(n)
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def open_binary(
+    path: Path, compression: str | None, on_bytes: Callable[[int], None] | None = None
+) -> IO[bytes]:
+    """A buffered binary stream of the decompressed content."""
+    raw: IO[bytes] = open(path, "rb", buffering=0)
+    if on_bytes is not None:
+        raw = _CountingReader(raw, on_bytes)
+    if compression == "gzip":
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if compression == "bz2":
+        return bz2.BZ2File(raw, "rb")
+    if compression == "xz":
+        return lzma.LZMAFile(raw, "rb")
+    if compression == "zstd":
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        return io.BufferedReader(reader, buffer_size=1 << 20)
+    return io.BufferedReader(raw, buffer_size=1 << 20)
+
+
+def _compression_of(path: Path) -> str | None:
+    ext = _COMPRESSION_EXT.get(path.suffix.lower())
+    if ext:
+        return ext
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return next((name for magic, name in _MAGIC if head.startswith(magic)), None)
+
+
+def _sniff(head: bytes) -> str:
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    text = head.decode("utf-8", errors="ignore").lstrip("\ufeff \t\r\n")
+    low = text[:2000].lower()
+    if text.startswith("WARC/"):
+        return "warc"
+    if "<mediawiki" in low:
+        return "wiki"
+    if low.startswith(("<!doctype html", "<html")) or (low.startswith("<") and "<html" in low):
+        return "html"
+    if text.startswith("{"):
+        return "jsonl"
+    if text.startswith("["):
+        return "json"
+    if not head:
+        return "text"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # not just a character cut at the end of the sample
+            raise UnknownFormat("binary content, not UTF-8 text") from None
+    controls = sum(1 for c in text[:4096] if ord(c) < 32 and c not in "\t\r\n\f")
+    if controls > 8:
+        raise UnknownFormat("binary content, not text")
+    return "text"
+
+
+def detect_format(path: Path) -> tuple[str, str | None]:
+    """(format, compression) of a file. Raises UnknownFormat, or OSError etc. if unreadable."""
+    compression = _compression_of(path)
+    name = path.name.lower()
+    inner = Path(name[: -len(path.suffix)]) if path.suffix.lower() in _COMPRESSION_EXT else path
+    fmt = _FORMAT_EXT.get(inner.suffix.lower())
+    if fmt in (None, "json", "wiki"):  # decide by content
+        with open_binary(path, compression) as f:
+            head = f.read(4096)
+        sniffed = _sniff(head)
+        if fmt == "json":
+            fmt = "json" if sniffed == "json" else "jsonl"
+        elif fmt == "wiki" and sniffed != "wiki":
+            raise UnknownFormat("XML that is not a MediaWiki dump")
+        else:
+            fmt = sniffed
+    if fmt == "parquet" and compression:
+        raise UnknownFormat("compressed Parquet; Parquet compresses itself, decompress the file")
+    return fmt, compression
+
+
+def _field(record, field: str):
+    for part in field.split("."):
+        if not isinstance(record, dict):
+            return None
+        record = record.get(part)
+    return record
+
+
+def _check_text_field(inp: InputFile, field: str) -> None:
+    """Fail early (before hours of work) when the text field does not exist in the file."""
+    if inp.fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        names = pq.ParquetFile(inp.path).schema_arrow.names
+        if field.split(".")[0] not in names:
+            raise AzllmError(
+                f"{inp.path}: no column {field!r} (columns: {', '.join(names)}); "
+                "pick one with --text-field"
+            )
+        return
+    with open_binary(inp.path, inp.compression) as f:
+        text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="replace")
+        first = next(_iter_records(text, inp.fmt, strict=False), None)
+    if isinstance(first, dict) and not isinstance(_field(first, field), str):
+        keys = ", ".join(list(first)[:12])
+        raise AzllmError(
+            f"{inp.path}: first record has no text field {field!r} (fields: {keys}); "
+            "pick one with --text-field"
+        )
+
+
+def expand_inputs(
+    inputs: list[str | Path], *, text_field: str = "text", exclude: Path | None = None
+) -> tuple[list[InputFile], list[tuple[str, str]]]:
+    """The files to read, in a stable order, and (name, reason) of files found but skipped.
+
+    Missing paths and named files of an unknown format are the user's mistake: AzllmError.
+    Inside folders, files of unknown format are skipped (and reported), not fatal. Files
+    below `exclude` (the output folder, when it sits inside an input folder) are left out.
+    """
+    exclude = exclude.resolve() if exclude is not None else None
+    if not inputs:
+        raise AzllmError("no input given; pass --input FILE_OR_FOLDER")
+    paths = [Path(p) for p in inputs]
+    for p in paths:
+        if not p.exists():
+            raise AzllmError(f"{p}: no such file or folder (check --input)")
+    base = Path(os.path.commonpath([str(p.resolve().parent) for p in paths]))
+    files: list[InputFile] = []
+    skipped: list[tuple[str, str]] = []
+    seen: set[Path] = set()
+    for p in paths:
+        named = not p.is_dir()
+        found = [p] if named else sorted(
+            f for f in p.rglob("*")
+            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
+        )  # fmt: skip
+        for f in found:
+            real = f.resolve()
+            if real in seen or (exclude is not None and real.is_relative_to(exclude)):
+                continue
+            seen.add(real)
+            source = real.relative_to(base).as_posix() if real.is_relative_to(base) else str(f)
+            try:
+                fmt, compression = detect_format(f)
+            except UnknownFormat as e:
+                if named:
+                    raise AzllmError(
+                        f"{f}: unknown format ({e}); supported: text, JSONL/JSON, Parquet, "
+                        "MediaWiki XML, HTML, WARC, optionally .gz/.bz2/.xz/.zst"
+                    ) from None
+                skipped.append((source, f"unsupported format: {e}"))
+                continue
+            except Exception as e:  # a corrupt archive we could not even peek into
+                skipped.append((source, describe_error(e)))
+                continue
+            inp = InputFile(real, source, fmt, compression, f.stat().st_size)
+            if fmt in ("jsonl", "json", "parquet"):
+                try:
+                    _check_text_field(inp, text_field)
+                except AzllmError:
+                    raise
+                except Exception:
+                    pass  # unreadable: reported when the file is read
+            files.append(inp)
+    if not files and not skipped:
+        raise AzllmError(f"no files found in {', '.join(map(str, paths))}")
+    return files, skipped
+
+
+# --- format readers -------------------------------------------------------------------------
+
+
+def _lines(text: IO[str]) -> Iterator[str]:
+    return iter(lambda: text.readline(MAX_LINE_CHARS), "")
+
+
+def _text_docs(text: IO[str], unit: str, max_chars: int) -> Iterator[str]:
+    if unit == "file":
+        whole = "\n".join(ln.rstrip() for ln in _lines(text)).strip()
+        if whole:
+            yield whole
+        return
+    if unit == "line":
+        for ln in _lines(text):
+            if ln.strip():
+                yield ln.strip()
+        return
+    block: list[str] = []
+    size = 0
+    for ln in _lines(text):
+        ln = ln.rstrip()
+        if not ln.strip():
+            if block:
+                yield "\n".join(block)
+                block, size = [], 0
+            continue
+        if block and size + len(ln) > max_chars:
+            yield "\n".join(block)
+            block, size = [], 0
+        block.append(ln)
+        size += len(ln) + 1
+    if block:
+        yield "\n".join(block)
+
+
+_WS_COMMA = re.compile(r"[\s,]*")
+
+
+def _iter_json_array(text: IO[str]) -> Iterator[object]:
+    """Objects of a top-level JSON array, decoded one by one from a growing buffer."""
+    decoder = json.JSONDecoder()
+    buf, pos, chunk = text.read(1 << 16).lstrip("\ufeff \t\r\n"), 1, 1 << 16
+    if not buf.startswith("["):
+        raise ValueError("not a JSON array")
+    while True:
+        pos = _WS_COMMA.match(buf, pos).end()
+        if pos >= len(buf) - 1:
+            more = text.read(chunk)
+            if not more and pos >= len(buf):
+                raise ValueError("JSON array not closed (truncated file?)")
+            buf, pos = buf[pos:] + more, 0
+            if not more and buf.strip() == "]":
+                return
+            continue
+        if buf[pos] == "]":
+            return
+        try:
+            obj, end = decoder.raw_decode(buf, pos)
+        except json.JSONDecodeError:
+            more = text.read(chunk)
+            if not more:
+                raise
+            buf, pos, chunk = buf[pos:] + more, 0, min(chunk * 2, 1 << 26)
+            continue
+        yield obj
+        pos, chunk = end, 1 << 16
+        if pos > 1 << 20:
+            buf, pos = buf[pos:], 0
+
+
+def _iter_records(text: IO[str], fmt: str, strict: bool = True) -> Iterator[object]:
+    """Records of a JSON Lines file ("jsonl") or of a top-level JSON array ("json")."""
+    if fmt == "json":
+        yield from _iter_json_array(text)
+        return
+    for ln in text:
+        if not ln.strip():
+            continue
+        try:
+            yield json.loads(ln)
+        except json.JSONDecodeError as e:
+            if not strict:
+                return
+            yield e  # the caller counts it as a bad record
+
+
+def _decode_html(raw: bytes, charset: str | None = None) -> str:
+    try:
+        return raw.decode(charset or "utf-8")
+    except (UnicodeDecodeError, LookupError):
+        m = re.search(rb"charset=[\"']?([\w-]+)", raw[:4096], re.IGNORECASE)
+        enc = m.group(1).decode("ascii") if m else "utf-8"
+        try:
+            return raw.decode(enc, errors="replace")
+        except LookupError:
+            return raw.decode("utf-8", errors="replace")
+
+
+def _charset(content_type: str | None) -> str | None:
+    m = re.search(r"charset=[\"']?([\w-]+)", content_type or "", re.IGNORECASE)
+    return m.group(1) if m else None
+
+
+def _warc_docs(stream: IO[bytes]) -> Iterator[tuple[str, str]]:
+    from warcio.archiveiterator import ArchiveIterator
+
+    for record in ArchiveIterator(stream):
+        if record.rec_type == "response" and record.http_headers is not None:
+            ctype = record.http_headers.get_header("Content-Type") or ""
+            if "html" in ctype.lower():
+                yield _decode_html(record.content_stream().read(), _charset(ctype)), "html"
+        elif record.rec_type in ("conversion", "resource"):
+            ctype = (record.rec_headers.get_header("Content-Type") or "").lower()
+            body = record.content_stream().read()
+            if "html" in ctype:
+                yield _decode_html(body, _charset(ctype)), "html"
+            elif ctype.startswith("text/"):
+                yield body.decode(_charset(ctype) or "utf-8", errors="replace"), "text"
+
+
+def iter_file(
+    inp: InputFile,
+    opts: ReaderOptions,
+    on_bad_record: Callable[[str, str], None] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> Iterator[Document]:
+    """Documents of one file (exceptions from a corrupt file propagate to the caller)."""
+    src, n = inp.source, 0
+    if inp.fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        column = opts.text_field.split(".")[0]
+        pf = pq.ParquetFile(inp.path)
+        for batch in pf.iter_batches(columns=[column], batch_size=1024):
+            for value in batch.column(0).to_pylist():
+                if isinstance(value, str):
+                    yield Document(value, src, f"{src}#{n}")
+                elif on_bad_record:
+                    on_bad_record(src, f"no string in column {column!r}")
+                n += 1
+        if on_bytes:
+            on_bytes(inp.size)
+        return
+    with open_binary(inp.path, inp.compression, on_bytes) as stream:
+        if inp.fmt == "wiki":
+            for _page_id, _title, wikitext in iter_pages(stream, opts.wiki_namespaces):
+                yield Document(wikitext, src, f"{src}#{n}", "wikitext")
+                n += 1
+            return
+        if inp.fmt == "warc":
+            for body, kind in _warc_docs(stream):
+                yield Document(body, src, f"{src}#{n}", kind)
+                n += 1
+            return
+        if inp.fmt == "html":
+            raw = stream.read(MAX_HTML_BYTES)
+            yield Document(_decode_html(raw), src, f"{src}#0", "html")
+            return
+        text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace", newline=None)
+        if inp.fmt == "text":
+            for body in _text_docs(text, opts.text_unit, opts.max_doc_chars):
+                yield Document(body, src, f"{src}#{n}")
+                n += 1
+            return
+        for record in _iter_records(text, inp.fmt):
+            value = None if isinstance(record, Exception) else _field(record, opts.text_field)
+            if isinstance(value, str):
+                yield Document(value, src, f"{src}#{n}")
+            elif on_bad_record:
+                why = "invalid JSON" if isinstance(record, Exception) else "no text field"
+                on_bad_record(src, why)
+            n += 1
+
+
+def read_documents(
+    files: list[InputFile],
+    opts: ReaderOptions = ReaderOptions(),  # noqa: B008 (frozen dataclass)
+    *,
+    on_error: Callable[[str, str], None] | None = None,
+    on_bad_record: Callable[[str, str], None] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+    on_file_done: Callable[[InputFile], None] | None = None,
+) -> Iterator[Document]:
+    """All documents of all files, in order; an unreadable file is reported and skipped."""
+    for inp in files:
+        try:
+            yield from iter_file(inp, opts, on_bad_record, on_bytes)
+        except (AzllmError, KeyboardInterrupt, GeneratorExit):
+            raise
+        except Exception as e:  # corrupt archive, truncated dump, permissions: skip the file
+            if on_error is None:
+                raise
+            on_error(inp.source, describe_error(e))
+        if on_file_done:
+            on_file_done(inp)
