@@ -343,7 +343,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Commands that live with their room register themselves.
     from azllm.chat.cli import register as register_chat
-
     from azllm.corpus.cli import register as register_corpus
 
     register_chat(sub)
