@@ -133,8 +133,59 @@ def cmd_train(args) -> int:
     from azllm.train import train
 
     cfg = apply_overrides(load_config(args.config), _overrides(args))
+    if args.vram:
+        cfg = _apply_vram_plan(cfg, args.vram, Path(args.data))
     _report(train(cfg, Path(args.data), Path(args.out), resume=args.resume), args.out)
     return 0
+
+
+def _apply_vram_plan(cfg, vram: str, data_dir: Path):
+    """`azllm train --vram 4GB`: micro-batch, accumulation and memory savers from azllm plan,
+    keeping the configured global batch."""
+    import os
+
+    from azllm.config import apply_overrides
+    from azllm.device import resolve_device
+    from azllm.memory import fmt_bytes
+    from azllm.plan import make_plan, parse_vram
+    from azllm.shards import read_meta
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = apply_overrides(cfg, {"model.vocab_size": read_meta(data_dir)["vocab_size"]})
+    tc = cfg.train
+    target = tc.global_batch or tc.micro_batch * tc.grad_accum * world
+    plan = make_plan(
+        cfg,
+        parse_vram(vram),
+        target_global_batch=target,
+        precision=tc.precision,
+        device_type=resolve_device(tc.device).type,
+        world=world,
+        strategy=tc.strategy,
+    )
+    if not plan.fits:
+        raise AzllmError(
+            f"--vram {vram}: this config does not fit; the smallest budget that "
+            f"fits is {fmt_bytes(plan.min_vram_bytes)} (see `azllm plan`)"
+        )
+    print(
+        f"plan for {vram}: micro-batch {plan.micro_batch} x accumulation {plan.grad_accum}, "
+        f"checkpointing {'on' if plan.activation_checkpointing else 'off'}, "
+        f"optimizer states {plan.optimizer_state}, chunked CE {plan.chunked_ce or 'off'}, "
+        f"estimated peak {fmt_bytes(plan.estimated_peak_bytes)}"
+    )
+    return apply_overrides(
+        cfg,
+        {
+            "train.micro_batch": plan.micro_batch,
+            "train.grad_accum": plan.grad_accum,
+            "train.global_batch": 0,
+            "train.activation_checkpointing": plan.activation_checkpointing,
+            "train.chunked_ce": plan.chunked_ce,
+            "train.optimizer_state": plan.optimizer_state,
+            "train.precision": tc.precision if plan.precision == "auto" else plan.precision,
+        },
+    )
 
 
 def cmd_sft(args) -> int:
@@ -304,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="preset (tiny, baby, small, az-100m) or TOML")
     p.add_argument("--data", required=True, help="folder written by azllm tokenize")
     p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--vram", help="fit this memory budget (4GB): settings from azllm plan")
     _train_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -344,9 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
     # Commands that live with their room register themselves.
     from azllm.chat.cli import register as register_chat
     from azllm.corpus.cli import register as register_corpus
+    from azllm.plan import register as register_plan
 
     register_chat(sub)
     register_corpus(sub)
+    register_plan(sub)
     return parser
 
 

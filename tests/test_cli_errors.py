@@ -111,3 +111,10 @@ def test_generate_and_eval_work_on_the_run(run_dir, tmp_path):
     res = json.loads(run_cli("eval", "--run", run_dir, "--text", text, "--json").stdout)
     assert {"bpb", "loss", "tokens", "bytes", "perplexity"} <= set(res)
     assert res["bytes"] == len(text.read_text().encode())
+
+
+def test_vram_budget_that_cannot_fit(tmp_path, data_dir):
+    fails("train", "--config", "az-100m", "--data", data_dir, "--out", tmp_path / "r",
+          "--vram", "200MB", "--device", "cpu", match="smallest budget that fits is")
+    assert not (tmp_path / "r").exists()
+    fails("plan", "--config", "baby", "--vram", "lots", match="lots")
