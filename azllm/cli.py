@@ -248,15 +248,23 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from azllm.checkpoint import load_run
-    from azllm.device import resolve_device, resolve_precision
     from azllm.evaluate import evaluate_text, read_text_file
 
-    device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
-    text = read_text_file(Path(args.text))
-    model, tok, _ = load_run(Path(args.run), device, args.weights)
-    res = evaluate_text(model, tok, text, batch_size=args.batch_size, precision=precision)
+    if args.gguf:  # the same measure computed by llama.cpp (a quantized file's loss of quality)
+        from azllm.export.gguf import gguf_eval
+
+        res = gguf_eval(args.gguf, args.text)
+    elif not args.run:
+        raise AzllmError("azllm eval needs --run RUN (our model) or --gguf FILE (llama.cpp)")
+    else:
+        from azllm.checkpoint import load_run
+        from azllm.device import resolve_device, resolve_precision
+
+        device = resolve_device(args.device)
+        precision = resolve_precision(args.precision, device)
+        text = read_text_file(Path(args.text))
+        model, tok, _ = load_run(Path(args.run), device, args.weights)
+        res = evaluate_text(model, tok, text, batch_size=args.batch_size, precision=precision)
     if args.json:
         print(json.dumps(res))
     else:
@@ -311,8 +319,8 @@ def _overrides(args) -> dict:
     return {k: v for k, v in overrides.items() if v is not None}
 
 
-def _sampling_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, help="run directory written by azllm train")
+def _sampling_flags(p: argparse.ArgumentParser, run_required: bool = True) -> None:
+    p.add_argument("--run", required=run_required, help="run directory written by azllm train")
     p.add_argument("--weights", default="model", choices=["model", "best"])
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"])
@@ -381,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte on a text file")
-    _sampling_flags(p)
+    _sampling_flags(p, run_required=False)
+    p.add_argument("--gguf", help="evaluate a GGUF export with llama.cpp instead of --run")
     p.add_argument("--text", required=True)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", action="store_true")
@@ -396,11 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
     # Commands that live with their room register themselves.
     from azllm.chat.cli import register as register_chat
     from azllm.corpus.cli import register as register_corpus
+    from azllm.export.cli import register as register_export
     from azllm.plan import register as register_plan
 
     register_chat(sub)
     register_corpus(sub)
     register_plan(sub)
+    register_export(sub)
     return parser
 
 
