@@ -16,8 +16,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e .
 	@touch $@
 
+# llama-cpp-python (in the test extras) compiles llama.cpp: portable flags, so a cached wheel
+# runs on any x86-64 machine, and no multimodal library we do not use.
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[test]'
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" $(BIN)/python -m pip install -q -e '.[test]'
 	@touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

@@ -272,7 +272,7 @@ def measure_peak(
     before (weights, buffers, batches), is the same quantity, exactly, without glibc's
     fragmentation. (The first step peaks no higher than the later ones: its optimizer step
     holds what theirs do, its forward and backward have no optimizer states yet.)
-    profile=False (CPU): no profiler, only "rss", the process's peak resident set (ru_maxrss:
+    profile=False (CPU): no profiler, only "rss", the process's peak resident set (VmHWM:
     meaningful in a fresh process; it includes Python, torch and glibc's fragmentation).
     """
     import torch
@@ -324,11 +324,9 @@ def measure_peak(
             "device_used": total - free,
         }
     if not profile:
-        import resource
-
         for i in range(steps + 1):
             step(i)
-        return {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        return {"rss": _peak_rss()}
     # The profiler reports allocations made while it runs and the frees of those (also in a
     # later window), never frees of older blocks: so every step from the first is profiled,
     # one window per step (smaller traces), and the running count carries over.
@@ -340,6 +338,19 @@ def measure_peak(
         top, end = _profiled(lambda i=i: step(i))
         peak, live = max(peak, live + top), live + end
     return {"allocated": peak}
+
+
+def _peak_rss() -> int:
+    """This process's peak resident set: VmHWM (ru_maxrss would also count the parent's pages
+    copied at fork, before exec)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            kb = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+        return int(kb) * 1024
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _profiled(fn) -> tuple[int, int]:

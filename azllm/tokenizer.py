@@ -4,7 +4,7 @@ Why these choices:
 - byte-level BPE never meets an unknown character, so any Azerbaijani (or other) text round-trips;
 - NFC normalisation makes `ə` typed as one code point or as `e` + combining mark the same token;
 - the pre-tokenizer splits with the Llama-3 / GPT-4o regex, which llama.cpp knows as the
-  "llama-bpe" pre-tokenizer, so a GGUF export tokenizes exactly as we do.
+  "smaug-bpe" pre-tokenizer (export/gguf.py), so a GGUF export tokenizes exactly as we do.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from azllm.atomic import atomic_write_text
 from azllm.errors import AzllmError
 
-# The Llama-3 split pattern (llama.cpp: LLAMA_VOCAB_PRE_TYPE_LLAMA3, "llama-bpe").
+# The Llama-3 split pattern. llama.cpp knows it as "llama-bpe" (which also skips BPE for
+# whole-vocabulary pieces, Llama-3's ignore_merges) and as "smaug-bpe" (the same split, plain
+# BPE): our tokenizers do not ignore merges, so the GGUF export writes "smaug-bpe".
 SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-GGUF_PRE = "llama-bpe"  # the name llama.cpp gives SPLIT_PATTERN
 
 # Special tokens, the one place they are defined. They take ids 0..15 in this order in every
 # tokenizer azllm trains, so ids are stable across vocab sizes. Reserved slots leave room for

@@ -15,7 +15,7 @@ Measured: on CUDA torch.cuda.max_memory_allocated (plus nvidia-smi's device use,
 the estimate's "total", which adds fragmentation and the CUDA context); on a CPU the CPU
 allocator's own count of bytes allocated minus freed, read through the profiler
 (profile_memory=True) -- the same quantity, to the byte. --rss also runs each config in a fresh
-process without the profiler and compares the process's peak RSS (ru_maxrss: Python, torch,
+process without the profiler and compares the process's peak RSS (VmHWM: Python, torch,
 glibc fragmentation included) with the estimate's "total"; --mmap-threshold 131072 runs those
 processes with glibc returning big blocks to the OS at once (then RSS = runtime + allocated).
 
