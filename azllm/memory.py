@@ -36,10 +36,10 @@ MiB, GiB = 1 << 20, 1 << 30
 CUDA_CONTEXT = 400 * MiB  # CUDA 12 context + cuBLAS/cuDNN handles, lazy module loading on
 CUBLAS_WORKSPACE = 16 * MiB  # cuBLAS workspaces come from the caching allocator (counted)
 FRAGMENTATION = 0.10  # reserved / allocated - 1 of the caching allocator on a training loop
-# glibc keeps freed blocks: peak RSS - runtime was 1.56-2.46x the allocated peak (baby, small,
-# az-100m; worse with checkpointing). With MALLOC_MMAP_THRESHOLD_=131072 (or mallopt
-# M_MMAP_THRESHOLD) big blocks go back to the OS at once and it was 1.00x.
-CPU_FRAGMENTATION = 1.5
+# glibc keeps freed blocks: peak RSS - runtime was 1.23-1.52x the allocated peak (baby, small,
+# checkpointing on and off). With MALLOC_MMAP_THRESHOLD_=131072 (or mallopt M_MMAP_THRESHOLD)
+# big blocks go back to the OS at once and it was 1.00-1.01x.
+CPU_FRAGMENTATION = 0.5
 CPU_RUNTIME = 330 * MiB  # peak RSS of Python + torch after a tiny training step (measured)
 OPTIMIZER_STATES = ("fp32", "bf16", "8bit")
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps smaller tensors' states in fp32
