@@ -1,8 +1,9 @@
 """Where and in which precision the model runs: device choice, autocast, matmul peak.
 
 CUDA-only paths (fp16 + GradScaler, bf16, fused AdamW, flash attention) are selected here by
-what the device supports, so the same training script runs unchanged on a CPU, an RTX 2050
-(fp16: Turing has no bf16) and an H100 (bf16).
+what the device supports, so the same training script runs unchanged on a CPU, a Turing card
+such as the RTX 20xx desktop series (fp16 + GradScaler: no bf16), an RTX 2050 (Ampere GA107
+despite its name: bf16) and an H100 (bf16).
 """
 
 from __future__ import annotations
