@@ -1,39 +1,48 @@
 """Checkpoints and run-directory files.
 
-RUN/checkpoints/step-N/model.safetensors   full weights (a tied lm_head is stored once, as
-                                           embed.weight)
-RUN/checkpoints/step-N/state.pt            optimizer state keyed by parameter name, grad scaler,
-                                           RNG states, step, best val loss: tensors and plain
-                                           numbers only, so it loads with weights_only=True
-Each step-N folder is written under a temporary name and renamed when complete, so a kill at any
-moment leaves the previous checkpoints intact. RUN/model.safetensors (latest) and
-RUN/best.safetensors (lowest validation loss) are replaced atomically the same way.
+RUN/checkpoints/step-N/            one checkpoint, for --resume:
+    .metadata, __R_0.distcp        model and optimizer state in torch.distributed.checkpoint (DCP)
+                                   format: every process writes only the shards it owns
+    trainer.pt                     step, best val loss, grad scaler, RNG states, who wrote it
+                                   (tensors and plain values only: loads with weights_only=True)
+RUN/model.safetensors              the latest full weights, for generate/eval/export/sft
+RUN/best.safetensors               the weights with the lowest validation loss
 
-States go through torch.distributed.checkpoint.state_dict, which gathers FSDP shards into full
-tensors (collective: every process calls, rank 0 writes) and works the same on a plain model. So
-a checkpoint is independent of the strategy and the number of processes that wrote it: a run
-saved by 2 FSDP processes resumes on 1, or on 8 under DDP. (The gather holds the full state on
-rank 0's CPU — right for models up to a few billion parameters, not beyond.)
+A checkpoint is written into .step-N.tmp and renamed when every process has finished its part,
+so a kill at any moment leaves the earlier checkpoints intact; the .safetensors files are
+replaced atomically the same way.
+
+Why DCP: under FSDP nobody holds the whole optimizer state (2x the weights in fp32), and DCP
+lets each process write its own piece in parallel. On load DCP reads whatever pieces the
+current layout needs, so a checkpoint is independent of the strategy and process count that
+wrote it: saved by 2 FSDP processes, it resumes on 1, or on 8 under DDP. Replicated (DDP)
+tensors are written once. For a multi-node run, RUN must be on a filesystem every node sees.
+DCP files are for resuming with the same PyTorch release; the .safetensors weights are the
+portable artefact.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
-    get_optimizer_state_dict,
+    get_state_dict,
     set_model_state_dict,
-    set_optimizer_state_dict,
+    set_state_dict,
 )
 
-from azllm.atomic import atomic_dir
 from azllm.errors import AzllmError
 
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -108,6 +117,18 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _dcp(fn, state: dict, path: Path) -> None:
+    """dcp.save/dcp.load; without a process group DCP warns each time that it assumes a single
+    process, which is what we mean."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
+        fn(state, checkpoint_id=path, no_dist=not _distributed())
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -118,52 +139,89 @@ def save_checkpoint(
     keep_last: int,
     write: bool = True,
 ) -> Path:
-    """Every process calls (the gather is collective); only write=True writes."""
-    weights = model_state(model)
-    state = {
+    """Every process calls and writes its own shards; write=True (rank 0) finishes the folder."""
+    run_dir = Path(run_dir)
+    target = run_dir / "checkpoints" / f"step-{step}"
+    tmp = target.with_name(f".{target.name}.tmp")
+    if write:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
+        tmp.mkdir(parents=True)
+    if _distributed():
+        dist.barrier()  # the folder exists before anyone writes into it
+    msd, osd = get_state_dict(unwrap(model), optimizer)
+    # Returns on rank 0 only after every process has written its files and rank 0 the metadata.
+    _dcp(dcp.save, {"model": msd, "optimizer": osd}, tmp)
+    weights = model_state(model)  # full weights for RUN/model.safetensors (collective)
+    if not write:
+        return target
+    trainer = {
         "step": step,
         "best_val_loss": best_val,
-        "optimizer": get_optimizer_state_dict(unwrap(model), optimizer, options=_GATHER),
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "world_size": dist.get_world_size() if _distributed() else 1,
     }
-    target = Path(run_dir) / "checkpoints" / f"step-{step}"
-    if not write:
-        return target
-    with atomic_dir(target, replace=True) as tmp:
-        save_file(weights, str(tmp / "model.safetensors"))
-        torch.save(state, tmp / "state.pt")
-    # RUN/model.safetensors: the latest weights, for generate/eval/export.
-    _write_safetensors(weights, Path(run_dir) / "model.safetensors")
+    torch.save(trainer, tmp / "trainer.pt")
+    if target.exists():  # a re-run of the same step: swap only once the new one is whole
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    _write_safetensors(weights, run_dir / "model.safetensors")
     for old in checkpoint_dirs(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
 
+def _corrupt(path: Path, e: Exception) -> AzllmError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:160]
+    return AzllmError(
+        f"{path}: truncated or corrupt ({first}); delete this checkpoint folder to resume from "
+        "the one before"
+    )
+
+
 def load_checkpoint(ckpt_dir: Path, model, optimizer, scaler) -> dict:
-    """Restore model/optimizer/scaler/RNG in place; returns {"step", "best_val_loss"}."""
+    """Restore model/optimizer/scaler/RNG in place (every process calls); returns
+    {"step", "best_val_loss"}. DCP reshards to the current strategy and process count."""
     ckpt_dir = Path(ckpt_dir)
-    load_weights(model, ckpt_dir / "model.safetensors")
+    trainer = _load_trainer(ckpt_dir / "trainer.pt")
+    msd, osd = get_state_dict(unwrap(model), optimizer)
+    state = {"model": msd, "optimizer": osd}
     try:
-        state = torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=True)
+        _dcp(dcp.load, state, ckpt_dir)
+    except CheckpointException as e:  # per-rank failures (a BaseException): show the first
+        raise _corrupt(ckpt_dir, next(iter(e.failures.values()))[0]) from None
+    except Exception as e:
+        raise _corrupt(ckpt_dir, e) from None
+    set_state_dict(
+        unwrap(model),
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+    )
+    if scaler is not None and scaler.is_enabled() and trainer["scaler"]:
+        scaler.load_state_dict(trainer["scaler"])
+    torch.set_rng_state(trainer["rng_cpu"])
+    if trainer["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(trainer["rng_cuda"])
+    return {"step": int(trainer["step"]), "best_val_loss": float(trainer["best_val_loss"])}
+
+
+def _load_trainer(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise AzllmError(
-            f"{ckpt_dir}: state.pt is missing; delete this checkpoint folder to "
+            f"{path.parent}: {path.name} is missing; delete this checkpoint folder to "
             "resume from the one before"
         ) from None
     except Exception as e:  # zip/unpickling errors for a truncated file vary by torch version
-        raise AzllmError(
-            f"{ckpt_dir / 'state.pt'}: truncated or corrupt ({str(e).splitlines()[0]})"
-            "; delete this checkpoint folder to resume from the one before"
-        ) from None
-    set_optimizer_state_dict(unwrap(model), optimizer, state["optimizer"], options=_FULL)
-    if scaler is not None and scaler.is_enabled() and state["scaler"]:
-        scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng_cpu"])
-    if state["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
-    return {"step": int(state["step"]), "best_val_loss": float(state["best_val_loss"])}
+        raise _corrupt(path, e) from None
 
 
 def load_run(run_dir: Path, device: torch.device | str = "cpu", weights: str = "model"):

@@ -198,6 +198,7 @@ def cmd_sft(args) -> int:
         overrides=_overrides(args),
         resume=args.resume,
         val_fraction=args.val_fraction,
+        pack=args.pack,
     )
     _report(last, args.out)
     return 0
@@ -372,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", required=True, help="JSONL files or folders")
     p.add_argument("--out", required=True, help="the new chat run directory")
     p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument(
+        "--pack",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="several conversations per row, each attending only to itself (default: on)",
+    )
     _train_flags(p)
     p.set_defaults(func=cmd_sft)
 

@@ -89,7 +89,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    compile: bool = False
+    compile: str = "auto"  # auto (on CUDA with Triton, off on CPU) | on | off; see train.py
     activation_checkpointing: bool = False
     chunked_ce: int = 0  # >0: cross-entropy over this many tokens at a time, logits recomputed
     optimizer_state: str = "fp32"  # fp32 | bf16 (half the memory) | 8bit (bitsandbytes, CUDA)
@@ -121,6 +121,8 @@ class TrainConfig:
             raise AzllmError(
                 f"train.optimizer_state: {self.optimizer_state!r} is not one of {OPTIMIZER_STATES}"
             )
+        if self.compile not in ("auto", "on", "off"):
+            raise AzllmError(f"train.compile: {self.compile!r} is not one of auto, on, off")
         if self.strategy not in STRATEGIES:
             raise AzllmError(f"train.strategy: {self.strategy!r} is not one of {STRATEGIES}")
         if self.chunked_ce < 0:
@@ -194,6 +196,8 @@ def _set_fields(obj: Any, values: dict[str, Any], where: str, section: str) -> N
             )
         default = getattr(obj, key)
         # TOML and JSON give ints where floats are meant (lr = 1); accept those, refuse the rest.
+        if isinstance(default, str) and isinstance(value, bool):  # compile = true|false
+            value = "on" if value else "off"
         if isinstance(default, bool) and not isinstance(value, bool):
             raise AzllmError(f"{where}: {section}.{key}: expected true/false, got {value!r}")
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):

@@ -172,14 +172,13 @@ def _head_saved(m: ModelConfig, b: int, t: int, half: bool, chunked: bool) -> in
     return out
 
 
-def _logits(m: ModelConfig, b: int, t: int, half: bool, chunk: int) -> tuple[int, int, int]:
-    """(held, forward, backward) bytes of the logits and the loss (model.py: logits.float() ->
+def _logits(m: ModelConfig, b: int, t: int, half: bool, chunk: int) -> tuple[int, int]:
+    """(forward, backward) bytes of the logits and the loss (model.py: logits.float() ->
     cross_entropy).
 
-    held: train.py's `_, loss = model(...)` keeps the returned logits until the next forward
-    returns, so one B x T x V tensor is alive through backward, the optimizer step and the
-    next forward. Forward adds the new logits, their fp32 copy and log-softmax's output;
-    backward, the saved log-softmax output and two fp32 gradients (NLL's, log-softmax's).
+    Forward makes the logits, their fp32 copy and log-softmax's output; backward needs the
+    saved log-softmax output and two fp32 gradients (NLL's, log-softmax's). Nothing outlives
+    the loss's backward: train.py keeps only the loss (`model(...)[1]`), not the logits.
     Chunked (model.chunked_cross_entropy): no logits returned; one chunk of rows at a time
     (its half logits die at .float()), recomputed in backward with its own half weight copy.
     """
@@ -187,9 +186,8 @@ def _logits(m: ModelConfig, b: int, t: int, half: bool, chunk: int) -> tuple[int
     h = 2 if half else 4
     if chunk:
         rows = min(chunk, n)
-        return 0, 8 * rows * v, 12 * rows * v + (2 * v * d if half else 0) + 4 * n * d
-    held = h * n * v
-    return held, held + (h + 8) * n * v - (0 if half else 4 * n * v), held + 12 * n * v
+        return 8 * rows * v, 12 * rows * v + (2 * v * d if half else 0) + 4 * n * d
+    return (h + 8) * n * v - (0 if half else 4 * n * v), 12 * n * v
 
 
 # ---- the peak ---------------------------------------------------------------------------------
@@ -231,7 +229,7 @@ def _phases(
     block = _block_saved(m, b, t, half, device_type)
     kept = 4 * b * t * m.n_embd if checkpointing else block  # per block, until its backward
     head = _head_saved(m, b, t, half, bool(chunk))
-    held, fwd_logits, bwd_logits = _logits(m, b, t, half, chunk)
+    fwd_logits, bwd_logits = _logits(m, b, t, half, chunk)
     work = _block_backward_workspace(m, b, t, half)
     block_cast = 2 * p.block_cast if half else 0
     acts = m.n_layer * kept + head
@@ -266,14 +264,12 @@ def _phases(
             autocast_weights=casts,
             activations=kept * (below + 1) + recompute + rope,
             workspace=work,
-            logits_loss=held,
         )
     # the embedding's backward: a dense V x d gradient, added to the tied lm_head gradient
-    ph["end of backward"] = dict(gradients=4 * p.total, workspace=4 * p.head_cast, logits_loss=held)
+    ph["end of backward"] = dict(gradients=4 * p.total, workspace=4 * p.head_cast)
     ph["optimizer step"] = dict(
         gradients=4 * p.total,
         workspace=_optimizer_temp(p, optimizer_state, device_type),
-        logits_loss=held,
     )
     phases = {k: {**base, **v} for k, v in ph.items()}
     if strategy == "fsdp" and world > 1:

@@ -82,6 +82,22 @@ def _attention_mask(valid_keys: torch.Tensor, offset: int, t: int) -> torch.Tens
     return mask[:, None]
 
 
+def _segment_positions_and_mask(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions [B, T] restarting at each segment start, and a bool mask [B, 1, T, T]: causal
+    and within the same segment. Segments must be contiguous runs (0,0,1,1,1,2,...).
+
+    A dense mask costs T*T bools per row and moves SDPA off the flash kernel (onto the
+    memory-efficient one on CUDA), a fair price for rows that are no longer mostly padding.
+    """
+    t = segments.shape[1]
+    ar = torch.arange(t, device=segments.device)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(starts, ar, 0).cummax(dim=1).values  # index of each token's segment start
+    same = segments[:, :, None] == segments[:, None, :]
+    return ar - first, (same & (ar[None, :] <= ar[:, None]))[:, None]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -222,11 +238,14 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         real: torch.Tensor | None = None,
         last_only: bool = False,
+        segments: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx [B, T] -> (logits [B, T or 1, V], mean loss or None).
 
         targets: next-token ids, -1 where no loss is wanted. cache: continue the sequences in
-        it. real: bool [B, T], False for left padding (generation only).
+        it. real: bool [B, T], False for left padding (generation only). segments: int [B, T],
+        one id per packed sequence in a row (training/eval): each restarts at position 0 and
+        attends only within itself, so packing gives the same logits as one sequence per row.
         """
         b, t = idx.shape
         offset = cache.len if cache is not None else 0
@@ -235,7 +254,13 @@ class GPT(nn.Module):
                 f"sequence of {offset + t} tokens exceeds the context ({self.cfg.block_size})"
             )
         mask = None
-        if cache is not None or real is not None:
+        if segments is not None:
+            if cache is not None or real is not None:
+                raise ValueError(
+                    "segments (packed training rows) cannot be combined with cache/real"
+                )
+            pos, mask = _segment_positions_and_mask(segments)
+        elif cache is not None or real is not None:
             real = real if real is not None else torch.ones_like(idx, dtype=torch.bool)
             base = cache.next_pos[:, None] if cache is not None else 0
             pos = (base + real.long().cumsum(1) - 1).clamp(min=0)

@@ -262,16 +262,16 @@ def measure_peak(
 ) -> dict[str, int]:
     """Run train.py's step for real and return {"allocated": peak bytes, ...}.
 
-    The step as in azllm.train: per micro-batch an autocast forward whose logits stay bound
-    (train.py's `_, loss = model(...)`), a (scaled) backward; then unscale, clip, optimizer
-    step, zero_grad(set_to_none). A first step makes the optimizer states, then `steps` more
-    (the second sees the logits the first left bound). On CUDA: torch.cuda.max_memory_allocated
-    after the first step (+ "reserved" and "device_used", nvidia-smi's figure). On a CPU,
-    torch's CPU allocator reports each allocation and free to the profiler
-    (profile_memory=True): the peak of the running sum over the steps, plus the bytes alive
-    before (weights, buffers, batches), is the same quantity, exactly, without glibc's
-    fragmentation. (The first step peaks no higher than the later ones: its optimizer step
-    holds what theirs do, its forward and backward have no optimizer states yet.)
+    The step as in azllm.train: per micro-batch an autocast forward of which only the loss is
+    kept (train.py's `model(...)[1]`), a (scaled) backward; then unscale, clip, optimizer
+    step, zero_grad(set_to_none). A first step makes the optimizer states, then `steps` more.
+    On CUDA: torch.cuda.max_memory_allocated after the first step (+ "reserved" and
+    "device_used", nvidia-smi's figure). On a CPU, torch's CPU allocator reports each
+    allocation and free to the profiler (profile_memory=True): the peak of the running sum
+    over the steps, plus the bytes alive before (weights, buffers, batches), is the same
+    quantity, exactly, without glibc's fragmentation. (The first step peaks no higher than the
+    later ones: its optimizer step holds what theirs do, its forward and backward have no
+    optimizer states yet.)
     profile=False (CPU): no profiler, only "rss", the process's peak resident set (VmHWM:
     meaningful in a fresh process; it includes Python, torch and glibc's fragmentation).
     """
@@ -296,12 +296,11 @@ def measure_peak(
     shape = (steps + 1, grad_accum, b, t)
     xs = torch.randint(0, m.vocab_size, shape, generator=g).to(dev)
     ys = torch.randint(0, m.vocab_size, shape, generator=g).to(dev)
-    held = {}  # train.py's `_`: the last logits, alive until the next forward returns
 
     def step(i: int) -> None:
         for micro in range(grad_accum):
             with autocast(dev, precision):
-                held["logits"], loss = model(xs[i, micro], ys[i, micro])
+                loss = model(xs[i, micro], ys[i, micro])[1]
                 loss = loss / grad_accum
             scaler.scale(loss).backward()
         scaler.unscale_(optimizer)

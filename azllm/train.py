@@ -41,6 +41,7 @@ from azllm.device import (
     resolve_precision,
 )
 from azllm.errors import AzllmError
+from azllm.loader import Prefetcher
 from azllm.metrics import MetricsLog, plot_loss
 from azllm.model import GPT
 from azllm.optim import make_adamw
@@ -79,6 +80,21 @@ def lr_at(step: int, cfg) -> float:
     progress = (step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def use_compile(setting: str, device: torch.device, fsdp: bool) -> bool:
+    """torch.compile: "on", "off", or "auto" = on where it pays.
+
+    On CUDA, compiling (about a minute) fuses the norms, RoPE and activations and pays back within
+    a few hundred steps; it needs Triton (missing on Windows builds, for one). On a CPU compiling
+    takes minutes and buys little (bench/train_throughput.py --compile), and under FSDP graph
+    breaks at every shard boundary eat most of the gain, so auto leaves both to an explicit "on".
+    """
+    if setting != "auto":
+        return setting == "on"
+    import importlib.util
+
+    return device.type == "cuda" and not fsdp and importlib.util.find_spec("triton") is not None
 
 
 def make_optimizer(model: GPT, cfg, device: torch.device) -> torch.optim.Optimizer:
@@ -201,12 +217,17 @@ def train(
             )
     flops_per_step = unwrap(model).flops_per_token() * tokens_per_step
     peak = measure_matmul_peak(device, precision)
-    if tc.compile:
+    if use_compile(tc.compile, device, fsdp):
         model = torch.compile(model)
     if d.world > 1 and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # Gradients live in DDP's all-reduce buckets: no second copy of them.
+        model = DDP(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            gradient_as_bucket_view=True,
+        )
     # FSDP's mixed-precision policy casts parameters itself; autocast is for the other paths.
     amp_precision = "fp32" if fsdp else precision
 
@@ -242,9 +263,11 @@ def train(
         with torch.no_grad():
             for i in range(tc.eval_batches):
                 mine = slice(d.rank * tc.micro_batch, (d.rank + 1) * tc.micro_batch)
-                x, y = data.batch("val", i, tc.micro_batch * d.world, mine)
+                x, y, *seg = (
+                    t.to(device) for t in data.batch("val", i, tc.micro_batch * d.world, mine)
+                )
                 with amp():
-                    _, loss = model(x.to(device), y.to(device))
+                    loss = model(x, y, segments=seg[0] if seg else None)[1]
                 total += loss.float()
         if d.world > 1:
             dist.all_reduce(total, op=dist.ReduceOp.AVG)
@@ -252,6 +275,11 @@ def train(
         return total.item() / tc.eval_batches
 
     last: dict = {}
+    batches = Prefetcher(
+        lambda step: data.batch("train", step, global_batch, rows),
+        range(start + 1, tc.max_steps + 1),
+        device,
+    )
     loss_sum = torch.zeros((), device=device)
     t_log, steps_since_log = time.perf_counter(), 0
     model.train()
@@ -261,10 +289,7 @@ def train(
             lr = lr_at(step, tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            xs, ys = data.batch("train", step, global_batch, rows)
-            if device.type == "cuda":
-                xs = xs.pin_memory().to(device, non_blocking=True)
-                ys = ys.pin_memory().to(device, non_blocking=True)
+            xs, ys, *seg = batches.get(step)  # seg: [segment ids] for packed rows, else []
             for micro in range(tc.grad_accum):
                 part = slice(micro * tc.micro_batch, (micro + 1) * tc.micro_batch)
                 # Under DDP/FSDP, reduce gradients only on the last micro-batch.
@@ -275,7 +300,9 @@ def train(
                 elif d.world > 1 and not last_micro:
                     sync_ctx = model.no_sync()
                 with sync_ctx, amp():
-                    _, loss = model(xs[part], ys[part])
+                    # Only the loss is kept: holding the returned logits would keep B*T*V
+                    # numbers alive through backward for nothing.
+                    loss = model(xs[part], ys[part], segments=seg[0][part] if seg else None)[1]
                     loss = loss / tc.grad_accum
                 scaler.scale(loss).backward()
                 loss_sum += loss.detach()
@@ -343,6 +370,7 @@ def train(
         )
         raise
     finally:
+        batches.close()
         bar.close()
         if log:
             log.close()

@@ -2,11 +2,13 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli, shared_path
+from conftest import SAMPLE, run_cli, shared_path
 
-from azllm.chat.data import ChatBatches, load_conversations, to_messages
+from azllm.chat.data import ChatBatches, is_val, load_conversations, pack_rows, to_messages
 from azllm.checkpoint import load_run
+from azllm.config import ModelConfig
 from azllm.errors import AzllmError
+from azllm.model import GPT
 from azllm.tokenizer import END, render_chat
 
 CONV = [
@@ -21,7 +23,9 @@ CONV = [
 def test_loss_mask_covers_exactly_the_assistant_tokens(tok, tokenizer_path):
     ids, mask = tok.encode_chat(CONV)
     assert ids == tok.encode(render_chat(CONV))  # piecewise == the template text encoded whole
-    data = ChatBatches([CONV], tok, tokenizer_path, block_size=128, seed=0, val_fraction=0.0)
+    data = ChatBatches(
+        [CONV], tok, tokenizer_path, block_size=128, seed=0, val_fraction=0.0, pack=False
+    )
     x, y = data.batch("train", 0, 1)
     n = len(ids) - 1
     assert x[0, :n].tolist() == ids[:-1]
@@ -33,14 +37,17 @@ def test_loss_mask_covers_exactly_the_assistant_tokens(tok, tokenizer_path):
             expected += tok.encode(m["content"]) + [tok.end_id]
     assert trained == expected
     assert tok.decode(trained, skip_special=False) == (
-        f"Bakı Xəzər dənizinin sahilindədir.{END}Gəncə ölkənin qərbindədir.{END}")
+        f"Bakı Xəzər dənizinin sahilindədir.{END}Gəncə ölkənin qərbindədir.{END}"
+    )
     assert (y[0, n:] == -1).all() and (x[0, n:] == tok.pad_id).all()  # padding is never trained
 
 
 def test_record_shapes_and_validation(tmp_path):
     alpaca = to_messages({"instruction": "Tərcümə et", "input": "hello", "output": "salam"}, "x")
-    assert alpaca == [{"role": "user", "content": "Tərcümə et\n\nhello"},
-                      {"role": "assistant", "content": "salam"}]
+    assert alpaca == [
+        {"role": "user", "content": "Tərcümə et\n\nhello"},
+        {"role": "assistant", "content": "salam"},
+    ]
     dsum = to_messages({"dialogue": "A: Salam\nB: Salam", "summary": "Salamlaşdılar."}, "x")
     assert dsum[1] == {"role": "assistant", "content": "Salamlaşdılar."}
     f = tmp_path / "chat.jsonl"
@@ -58,27 +65,155 @@ def test_record_shapes_and_validation(tmp_path):
 
 def _held_out_loss(run, data_paths, tokenizer_path) -> float:
     model, tok, cfg = load_run(run)
-    data = ChatBatches(load_conversations(data_paths), tok, tokenizer_path, cfg.model.block_size,
-                       seed=cfg.train.seed, val_fraction=0.1)
-    rows = data.rows["val"]
-    assert len(rows) > 5
-    x = torch.full((len(rows), cfg.model.block_size), tok.pad_id)
-    y = torch.full((len(rows), cfg.model.block_size), -1)
-    for i, (ids, targets) in enumerate(rows):
-        x[i, : len(ids)], y[i, : len(targets)] = torch.tensor(ids), torch.tensor(targets)
+    data = ChatBatches(
+        load_conversations(data_paths),
+        tok,
+        tokenizer_path,
+        cfg.model.block_size,
+        seed=cfg.train.seed,
+        val_fraction=0.1,
+    )
+    assert data.count("val") > 5
+    x, y, seg = data.take("val", range(len(data.rows["val"])))
     with torch.no_grad():
-        return model(x, y)[1].item()
+        return model(x, y, segments=seg)[1].item()
 
 
 def test_sft_lowers_held_out_chat_loss(tmp_path, tiny_run):
     chat = shared_path("data", "az", "chat")
     out = tmp_path / "chat_run"
-    run_cli("sft", "--run", tiny_run, "--data", chat, "--out", out, "--max-steps", "80",
-            "--lr", "3e-3", "--precision", "fp32", "--eval-interval", "40")
+    run_cli(
+        "sft",
+        "--run",
+        tiny_run,
+        "--data",
+        chat,
+        "--out",
+        out,
+        "--max-steps",
+        "80",
+        "--lr",
+        "3e-3",
+        "--precision",
+        "fp32",
+        "--eval-interval",
+        "40",
+    )
     before = _held_out_loss(tiny_run, [chat], tiny_run / "tokenizer.json")
     after = _held_out_loss(out, [chat], out / "tokenizer.json")
     assert after < before - 0.3, (before, after)
-    vals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
-            if "val_loss" in line]
+    vals = [
+        json.loads(line)
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if "val_loss" in line
+    ]
     assert len(vals) == 2 and vals[1]["val_loss"] < vals[0]["val_loss"]  # held-out loss falls
     assert (out / "tokenizer.json").read_text() == (tiny_run / "tokenizer.json").read_text()
+
+
+def _dialogues() -> list[list[dict]]:
+    """Conversations of many lengths from the bundled dialogues: each dialogue, and its first
+    two and four lines, as alternating user/assistant turns."""
+    text = (SAMPLE / "04_dialoqlar.txt").read_text(encoding="utf-8")
+    convs = []
+    for block in text.split("\n\n"):
+        lines = [line.lstrip("— ").strip() for line in block.splitlines() if line.strip()]
+        for n in (2, 4, len(lines)):
+            turns = lines[: n - n % 2]
+            if len(turns) >= 2:
+                convs.append(
+                    [
+                        {"role": ("user", "assistant")[i % 2], "content": t}
+                        for i, t in enumerate(turns)
+                    ]
+                )
+    return convs
+
+
+def _segments_of(x, y, seg, pad_id) -> list[tuple[tuple, tuple]]:
+    """(inputs, targets) of every conversation in packed rows; the padding segment left out."""
+    out = []
+    for r in range(x.shape[0]):
+        for s in seg[r].unique().tolist():
+            at = seg[r] == s
+            xs, ys = tuple(x[r, at].tolist()), tuple(y[r, at].tolist())
+            if all(t == pad_id for t in xs):
+                assert all(t == -1 for t in ys) and s == seg[r].max()  # padding: last, untrained
+            else:
+                out.append((xs, ys))
+    return out
+
+
+def test_pack_rows_places_every_item_once_within_capacity():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 101, (500,), generator=g).tolist()
+    rows = pack_rows(lengths, 100)
+    assert sorted(i for row in rows for i in row) == list(range(500))
+    assert all(sum(lengths[i] for i in row) <= 100 for row in rows)
+    assert rows == pack_rows(lengths, 100)  # deterministic
+    # fewer rows than filling in order (next-fit), and close to the bound sum/capacity
+    sequential, room = 0, 0
+    for n in lengths:
+        if n > room:
+            sequential, room = sequential + 1, 100
+        room -= n
+    assert -(-sum(lengths) // 100) <= len(rows) < sequential
+    assert len(rows) <= 1.05 * sum(lengths) / 100 + 1
+
+
+@pytest.mark.parametrize("source", ["bundled", "shared"])
+def test_packing_keeps_every_trained_token_and_cuts_padding(source, tok, tokenizer_path):
+    convs = (
+        _dialogues()
+        if source == "bundled"
+        else load_conversations([shared_path("data", "az", "chat")])
+    )
+    block = 512
+    packed, plain = (
+        ChatBatches(convs, tok, tokenizer_path, block, seed=0, val_fraction=0.2, pack=p)
+        for p in (True, False)
+    )
+    for split in ("train", "val"):
+        assert packed.count(split) == plain.count(split) > 3
+        assert packed.trained_tokens(split) == plain.trained_tokens(split)
+        assert packed.bytes_per_token(split) == plain.bytes_per_token(split)
+        x, y, seg = packed.take(split, range(len(packed.rows[split])))
+        # each conversation encoded alone, targets on the assistant's tokens: the same multiset,
+        # so no target crosses from one conversation into the next
+        expected = []
+        for m in convs:
+            if (split == "val") == is_val(m, 0.2):
+                ids, mask = tok.encode_chat(m)
+                ids, mask = ids[: block + 1], mask[: block + 1]
+                targets = [t if k else -1 for t, k in zip(ids[1:], mask[1:], strict=True)]
+                expected.append((tuple(ids[:-1]), tuple(targets)))
+        assert sorted(_segments_of(x, y, seg, tok.pad_id)) == sorted(expected)
+        assert (y != -1).sum() == plain.trained_tokens(split)
+    # one conversation per row wastes most of a 512-token row; packed, a few percent
+    assert plain.padding_fraction("train") > 0.5
+    assert packed.padding_fraction("train") < min(0.15, plain.padding_fraction("train") / 4)
+    assert len(packed.rows["train"]) < len(plain.rows["train"]) / 2
+
+
+def test_packed_loss_equals_the_loss_of_the_conversations_alone(tok, tokenizer_path):
+    convs = _dialogues()
+    packed, plain = (
+        ChatBatches(convs, tok, tokenizer_path, 128, seed=0, val_fraction=0.0, pack=p)
+        for p in (True, False)
+    )
+    torch.manual_seed(0)
+    model = GPT(
+        ModelConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=2, n_head=2, n_embd=32)
+    ).eval()
+    rows = [r for r, held in enumerate(packed.rows["train"]) if len(held) >= 2][:4]
+    assert len(rows) == 4
+    x, y, seg = packed.take("train", rows)
+    picked = [c for r in rows for c in packed.rows["train"][r]]
+    xs, ys = plain.take("train", picked)  # one conversation per row: the same trained tokens
+    with torch.no_grad():
+        logits, loss_packed = model(x, y, segments=seg)
+        _, loss_plain = model(xs, ys)  # mean over all trained tokens: token-weighted
+        mixed, _ = model(x, y)  # without segments, the conversations would see each other
+    assert loss_packed.item() == pytest.approx(loss_plain.item(), abs=1e-5)
+    trained = y != -1
+    assert (mixed[trained] - logits[trained]).abs().max() > 1e-3

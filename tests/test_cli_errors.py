@@ -83,10 +83,16 @@ def test_existing_run_needs_resume(run_dir, data_dir):
 def test_corrupt_checkpoint(tmp_path, run_dir, data_dir):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    state = copy / "checkpoints" / "step-4" / "state.pt"
-    state.write_bytes(state.read_bytes()[:1000])
+    ckpt = copy / "checkpoints" / "step-4"
+    for name in ("__0_0.distcp", "trainer.pt"):
+        whole = (ckpt / name).read_bytes()
+        (ckpt / name).write_bytes(whole[: len(whole) // 2])
+        fails("train", "--config", "tiny", "--data", data_dir, "--out", copy, "--resume",
+              "--max-steps", "8", match="truncated or corrupt")
+        (ckpt / name).write_bytes(whole)
+    (ckpt / "trainer.pt").unlink()
     fails("train", "--config", "tiny", "--data", data_dir, "--out", copy, "--resume",
-          "--max-steps", "8", match="truncated or corrupt")
+          "--max-steps", "8", match="trainer.pt is missing")
     weights = copy / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:500])
     fails("generate", "--run", copy, "--prompt", "Salam", match="truncated or corrupt")

@@ -10,8 +10,7 @@ from azllm.model import GPT
 
 def tiny(arch="llama", **kw) -> GPT:
     torch.manual_seed(0)
-    cfg = ModelConfig(arch=arch, vocab_size=97, block_size=48, n_layer=2, n_head=4, n_embd=32,
-                      **kw)
+    cfg = ModelConfig(arch=arch, vocab_size=97, block_size=48, n_layer=2, n_head=4, n_embd=32, **kw)
     return GPT(cfg).eval()
 
 
@@ -124,3 +123,48 @@ def test_chunked_cross_entropy_matches_the_plain_loss_and_gradients(arch, kw):
     assert chunked.item() == pytest.approx(plain.item(), rel=1e-6)
     for n, p in m.named_parameters():
         assert torch.allclose(p.grad, grads[n], atol=1e-6), n
+
+
+@pytest.mark.parametrize("arch,kw", ARCHS)
+def test_packed_sequences_see_only_themselves(arch, kw):
+    m = tiny(arch, **kw)
+    torch.manual_seed(1)
+    a, b = torch.randint(0, 97, (1, 13)), torch.randint(0, 97, (1, 20))
+    c = torch.randint(0, 97, (1, 30))
+    pad = torch.zeros(1, 15, dtype=torch.long)
+    # two rows, packed differently, in one batch: A|B|padding and C|A|padding
+    rows = torch.cat([torch.cat([a, b, pad], 1), torch.cat([c, a, pad[:, :5]], 1)])
+    seg = torch.tensor([[0] * 13 + [1] * 20 + [2] * 15, [0] * 30 + [1] * 13 + [2] * 5])
+    packed, _ = m(rows, segments=seg)
+    alone = {k: m(v)[0][0] for k, v in {"a": a, "b": b, "c": c}.items()}
+    assert torch.allclose(packed[0, :13], alone["a"], atol=1e-5)
+    assert torch.allclose(packed[0, 13:33], alone["b"], atol=1e-5)  # B starts afresh at 0
+    assert torch.allclose(packed[1, :30], alone["c"], atol=1e-5)
+    assert torch.allclose(packed[1, 30:43], alone["a"], atol=1e-5)
+    plain, _ = m(rows)  # without segments B sees A: the mask (and positions) matter
+    assert not torch.allclose(plain[0, 13:33], alone["b"], atol=1e-3)
+    with pytest.raises(ValueError, match="segments"):
+        m(rows, segments=seg, real=torch.ones_like(rows, dtype=torch.bool))
+
+
+def test_packed_loss_and_gradients_under_activation_checkpointing():
+    m = tiny().train()
+    m.gradient_checkpointing = True
+    torch.manual_seed(2)
+    a, b = torch.randint(0, 97, (1, 10)), torch.randint(0, 97, (1, 25))
+    ya, yb = torch.randint(0, 97, (1, 10)), torch.randint(0, 97, (1, 25))
+    row, y = torch.cat([a, b], 1), torch.cat([ya, yb], 1)
+    seg = torch.tensor([[0] * 10 + [1] * 25])
+    _, packed = m(row, y, segments=seg)
+    packed.backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    # the same tokens unpacked: one row each, right-padded with ignored targets
+    xs = torch.zeros(2, 25, dtype=torch.long)
+    ys = torch.full((2, 25), -1)
+    xs[0, :10], ys[0, :10], xs[1], ys[1] = a, ya, b, yb
+    _, plain = m(xs, ys)
+    plain.backward()
+    assert packed.item() == pytest.approx(plain.item(), abs=1e-5)
+    for n, p in m.named_parameters():
+        assert torch.allclose(p.grad, grads[n], atol=1e-5), n

@@ -27,8 +27,11 @@ def test_train_writes_a_self_contained_run(tmp_path, data_dir):
                  "metrics.jsonl", "loss.png"):
         assert (run / name).exists(), name
     assert [p.name for p in checkpoint_dirs(run)] == ["step-20", "step-30"]  # keep last 2
-    state = torch.load(run / "checkpoints/step-30/state.pt", weights_only=True)
-    assert state["step"] == 30 and "optimizer" in state and "rng_cpu" in state
+    ckpt = run / "checkpoints/step-30"
+    trainer = torch.load(ckpt / "trainer.pt", weights_only=True)
+    assert trainer["step"] == 30 and "rng_cpu" in trainer and trainer["world_size"] == 1
+    assert (ckpt / ".metadata").exists() and [p.name for p in ckpt.glob("*.distcp")]
+    assert not list((run / "checkpoints").glob(".*"))  # no temporary folder left behind
     losses = [loss for _, loss in _losses(run)]
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3  # it learns
@@ -97,7 +100,9 @@ def _torchrun(*args, nproc=2):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_fsdp_matches_one_process_and_its_checkpoint_resumes_in_one(tmp_path, data_dir):
+def test_fsdp_matches_one_process_and_checkpoints_reshard(tmp_path, data_dir):
+    import shutil
+
     common = [*TINY, "--data", data_dir, "--max-steps", "8", "--eval-interval", "4",
               "--ckpt-interval", "4", "--keep-last", "2", "--chunked-ce", "50",
               "--optimizer-state", "bf16"]
@@ -109,10 +114,19 @@ def test_fsdp_matches_one_process_and_its_checkpoint_resumes_in_one(tmp_path, da
     a, b = _losses(one), _losses(fsdp)
     assert [s for s, _ in b] == list(range(1, 9))
     assert [x for _, x in a] == pytest.approx([y for _, y in b], rel=1e-4)
-    # as if killed after step 4: drop the later checkpoint, resume on ONE process
-    import shutil
-
+    # Sharded: each process wrote its own file, neither holds the whole state.
+    shards = sorted((fsdp / "checkpoints" / "step-4").glob("*.distcp"))
+    sizes = [p.stat().st_size for p in shards]
+    assert len(shards) == 2 and max(sizes) < 0.75 * sum(sizes), sizes
+    single = [p.stat().st_size for p in (one / "checkpoints" / "step-4").glob("*.distcp")]
+    assert sum(sizes) < 1.15 * sum(single)  # together one copy (plus per-file overhead)
+    # As if killed after step 4: drop the later checkpoint, resume on ONE process...
     shutil.rmtree(fsdp / "checkpoints" / "step-8")
     run_cli("train", *common, "--out", fsdp, "--micro-batch", "4", "--grad-accum", "2",
             "--resume")
     assert [x for _, x in _losses(fsdp)] == pytest.approx([x for _, x in a], rel=1e-4)
+    # ...and a one-process checkpoint resumes sharded over TWO.
+    shutil.rmtree(one / "checkpoints" / "step-8")
+    _torchrun(*common, "--out", one, "--micro-batch", "2", "--grad-accum", "2",
+              "--strategy", "fsdp", "--resume")
+    assert [x for _, x in _losses(one)] == pytest.approx([x for _, x in b], rel=1e-4)

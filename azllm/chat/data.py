@@ -9,6 +9,7 @@ Problems are reported as file:line and what is wrong.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 from pathlib import Path
@@ -100,10 +101,48 @@ def is_val(messages: list[dict], val_fraction: float) -> bool:
     )
 
 
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: indices of items grouped into rows of at most `capacity` positions.
+
+    Longest first, each into the open row it fills most tightly (else a new row). Unlike filling
+    rows in file order, which leaves about half a conversation of padding at every row end, this
+    wastes almost nothing; it is deterministic (ties keep file order), and O(n log n).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[int] = []  # sorted distinct free capacities that some open row has
+    by_free: dict[int, list[int]] = {}  # free capacity -> rows with exactly that much room
+    for i in order:
+        n = lengths[i]
+        at = bisect.bisect_left(free, n)
+        if at < len(free):
+            room = free[at]
+            r = by_free[room].pop()
+            if not by_free[room]:
+                del by_free[room], free[at]
+        else:
+            room, r = capacity, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        left = room - n
+        if left > 0:
+            if left not in by_free:
+                bisect.insort(free, left)
+                by_free[left] = []
+            by_free[left].append(r)
+    return rows
+
+
 class ChatBatches:
-    """Conversations as padded rows: inputs, and targets that are -1 except on the assistant's
-    tokens. Same interface as shards.TokenBatches, so the pretraining loop trains on it as is;
-    rows are picked by a hash of (seed, split, step), so resume stays exact."""
+    """Conversations as rows of block_size: inputs, and targets that are -1 except on the
+    assistant's tokens. Same interface as shards.TokenBatches, so the pretraining loop trains on
+    it; rows are picked by a hash of (seed, split, step), so resume stays exact.
+
+    pack=False: one conversation per row, the rest padding; batch() -> (x, y).
+    pack=True: several conversations per row (see pack_rows); batch() -> (x, y, segments), and
+    the model keeps each conversation to itself (GPT.forward(segments=...)), so the loss on a
+    packed row is the loss of its conversations run alone.
+    """
 
     def __init__(
         self,
@@ -114,10 +153,13 @@ class ChatBatches:
         seed: int,
         val_fraction: float = 0.1,
         label: str = "chat",
+        pack: bool = True,
     ) -> None:
         self.tokenizer_path, self.block_size, self.seed = Path(tokenizer_path), block_size, seed
-        self.dir = Path(label)
-        self.rows: dict[str, list[tuple[list[int], list[int]]]] = {"train": [], "val": []}
+        self.dir, self.pack = Path(label), pack
+        # Each conversation as (inputs, targets) = (ids[:-1], ids[1:] masked), so in a packed row
+        # no target ever crosses into the next conversation.
+        self.convs: dict[str, list[tuple[list[int], list[int]]]] = {"train": [], "val": []}
         self.bytes = {"train": 0, "val": 0}
         self.truncated = 0
         for messages in conversations:
@@ -129,37 +171,63 @@ class ChatBatches:
             if all(t == -1 for t in targets):  # the reply fell beyond the context: nothing to learn
                 continue
             split = "val" if is_val(messages, val_fraction) else "train"
-            self.rows[split].append((ids[:-1], targets))
+            self.convs[split].append((ids[:-1], targets))
             self.bytes[split] += sum(
                 len(m["content"].encode()) for m in messages if m["role"] == "assistant"
             )
-        if not self.rows["train"]:
+        if not self.convs["train"]:
             raise AzllmError(f"{label}: no conversation fits the context of {block_size} tokens")
+        # rows[split]: the conversations (indices into convs) that share each row.
+        self.rows = {
+            split: pack_rows([len(x) for x, _ in convs], block_size)
+            if pack
+            else [[i] for i in range(len(convs))]
+            for split, convs in self.convs.items()
+        }
         self.pad_id = tok.pad_id
         self.meta = {"tokenizer_sha256": tok.sha256(), "vocab_size": tok.vocab_size}
 
     def has_split(self, split: str) -> bool:
-        return bool(self.rows[split])
+        return bool(self.convs[split])
 
     def count(self, split: str) -> int:
-        return len(self.rows[split])
+        """Conversations in the split (rows: len(self.rows[split]))."""
+        return len(self.convs[split])
 
     def trained_tokens(self, split: str) -> int:
-        return sum(sum(t != -1 for t in y) for _, y in self.rows[split])
+        return sum(sum(t != -1 for t in y) for _, y in self.convs[split])
 
     def bytes_per_token(self, split: str) -> float:
         """UTF-8 bytes of assistant text per trained token (for bits per byte of replies)."""
         return self.bytes[split] / max(self.trained_tokens(split), 1)
 
+    def input_tokens(self, split: str) -> int:
+        """Real (non-padding) input positions of the split."""
+        return sum(len(x) for x, _ in self.convs[split])
+
+    def padding_fraction(self, split: str) -> float:
+        """Share of the split's input positions (rows x block_size) that are padding."""
+        total = len(self.rows[split]) * self.block_size
+        return 1 - self.input_tokens(split) / max(total, 1)
+
     def batch(self, split: str, key: int, n: int, rows: slice | None = None):
         digest = hashlib.blake2b(f"{self.seed}/{split}/{key}".encode(), digest_size=8).digest()
         g = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
         picks = torch.randint(0, len(self.rows[split]), (n,), generator=g).tolist()
-        picks = picks[rows] if rows is not None else picks
+        return self.take(split, picks[rows] if rows is not None else picks)
+
+    def take(self, split: str, picks: list[int]):
+        """Rows `picks` of the split as tensors: (x, y, segments) when packed, else (x, y)."""
         x = torch.full((len(picks), self.block_size), self.pad_id, dtype=torch.long)
         y = torch.full((len(picks), self.block_size), -1, dtype=torch.long)
+        seg = torch.zeros((len(picks), self.block_size), dtype=torch.long)
         for r, i in enumerate(picks):
-            ids, targets = self.rows[split][i]
-            x[r, : len(ids)] = torch.tensor(ids)
-            y[r, : len(targets)] = torch.tensor(targets)
-        return x, y
+            at = 0
+            for s, c in enumerate(self.rows[split][i]):
+                ids, targets = self.convs[split][c]
+                x[r, at : at + len(ids)] = torch.tensor(ids)
+                y[r, at : at + len(targets)] = torch.tensor(targets)
+                seg[r, at : at + len(ids)] = s
+                at += len(ids)
+            seg[r, at:] = s + 1  # the padding at the row end is a segment of its own
+        return (x, y, seg) if self.pack else (x, y)

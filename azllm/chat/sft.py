@@ -1,7 +1,8 @@
 """Supervised fine-tuning: a pretrained run + dialogues -> a chat run.
 
 The pretraining loop does the work (precision, accumulation, checkpoints, exact resume); only the
-data differs: padded conversations whose targets are the assistant's tokens alone.
+data differs: conversations whose targets are the assistant's tokens alone, packed several to a
+row (each attending only to itself) so short dialogues do not train on mostly padding.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def sft(
     resume: bool = False,
     val_fraction: float = 0.1,
     progress: bool = True,
+    pack: bool = True,
 ) -> dict:
     base_run = Path(base_run)
     weights = base_run / "model.safetensors"
@@ -55,13 +57,21 @@ def sft(
         cfg.train.seed,
         val_fraction,
         label=", ".join(map(str, data_paths)),
+        pack=pack,
     )
     if progress:
+        block, n = cfg.model.block_size, data.count("train")
         print(
-            f"chat data: {data.count('train')} train / {data.count('val')} held-out "
+            f"chat data: {n} train / {data.count('val')} held-out "
             f"conversations ({data.trained_tokens('train'):,} trained tokens); "
-            f"{data.truncated} cut to the context of {cfg.model.block_size}"
+            f"{data.truncated} cut to the context of {block}"
         )
+        if pack:
+            unpacked = 1 - data.input_tokens("train") / (n * block)
+            print(
+                f"packing: {n} rows -> {len(data.rows['train'])} rows of {block} tokens, "
+                f"padding {unpacked:.0%} -> {data.padding_fraction('train'):.0%}"
+            )
     return train(
         cfg, None, out_run, data=data, init_weights=weights, resume=resume, progress=progress
     )
