@@ -218,6 +218,8 @@ def train(
     flops_per_step = unwrap(model).flops_per_token() * tokens_per_step
     peak = measure_matmul_peak(device, precision)
     if use_compile(tc.compile, device, fsdp):
+        if tc.compile == "auto":  # chosen for the user: a compiler failure falls back to eager
+            torch._dynamo.config.suppress_errors = True
         model = torch.compile(model)
     if d.world > 1 and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP

@@ -15,6 +15,9 @@ median of the timed ones, so one step slowed by a neighbour on a shared machine 
 
 Strategies (--strategies, default single):
   single  the step in this process with all --threads: the baseline.
+  compiled  the same with torch.compile (what `azllm train --compile` does); "first step s" is
+          the compile cost, paid once per run. azllm's compile=auto leaves it off on a CPU:
+          this row is the figure behind that choice.
   ddp     --nproc processes (default 2) under torchrun (`python -m torch.distributed.run
   fsdp    --standalone`; gloo on a CPU), each running this script's hidden --worker mode, which
           wraps the model as azllm.train does: DistributedDataParallel, or azllm.train.shard_fsdp
@@ -57,7 +60,7 @@ from azllm.model import GPT
 from azllm.train import Dist, lr_at, make_optimizer, setup_distributed, shard_fsdp
 
 DEFAULT_PRESETS = "tiny,baby,small"  # az-100m on request: minutes per step on a 2-core CPU
-STRATEGIES = ("single", "ddp", "fsdp")
+STRATEGIES = ("single", "compiled", "ddp", "fsdp")
 
 
 def default_precisions(device: torch.device) -> list[str]:
@@ -99,10 +102,16 @@ def time_steps(
     if fsdp:  # before the optimizer: it must see the sharded parameters
         shard_fsdp(model, precision)
     optimizer = make_optimizer(model, tc, device)
+    if strategy == "compiled":
+        model = torch.compile(model)
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DDP(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            gradient_as_bucket_view=True,
+        )
     amp_precision = "fp32" if fsdp else precision  # FSDP's MixedPrecisionPolicy casts
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     g = torch.Generator().manual_seed(seed)  # the same batches in every process
@@ -122,7 +131,7 @@ def time_steps(
         for group in optimizer.param_groups:
             group["lr"] = lr_at(i + 1, tc)
         with autocast(device, amp_precision):
-            _, loss = model(batch[:, :-1], batch[:, 1:])
+            loss = model(batch[:, :-1], batch[:, 1:])[1]
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -130,6 +139,8 @@ def time_steps(
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         sync(device)
+        if i == 0:
+            first = time.perf_counter() - t0
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     if not torch.isfinite(loss):
@@ -152,6 +163,7 @@ def time_steps(
         "activation_checkpointing": tc.activation_checkpointing,
         "tokens_per_step": tokens,
         "step_s": step_s,
+        "first_step_s": first,
         "step_s_min": min(times),
         "step_s_max": max(times),
         "tok_per_s": tokens / step_s,
@@ -244,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     add = p.add_argument
     add("--presets", default=DEFAULT_PRESETS, help=f"from {','.join(PRESETS)} ({DEFAULT_PRESETS})")
     add("--precisions", help="comma-separated fp32,bf16,fp16 (default fp32,bf16; +fp16 on CUDA)")
-    add("--strategies", default="single", help="comma-separated single,ddp,fsdp (default single)")
+    add("--strategies", default="single", help=f"subset of {','.join(STRATEGIES)} (single)")
     add("--nproc", type=int, default=2, help="processes for ddp/fsdp (default 2; CUDA: 1 GPU each)")
     add("--steps", type=int, default=3, help="timed steps per config (default 3)")
     add("--warmup", type=int, default=1, help="untimed steps first (default 1)")
@@ -285,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--strategies {args.strategies!r}: use a subset of {','.join(STRATEGIES)}")
     if args.steps < 1 or args.warmup < 0 or args.micro_batch < 0 or args.nproc < 2:
         p.error("--steps must be >= 1, --warmup and --micro-batch >= 0, --nproc >= 2")
-    if set(strategies) - {"single"}:
+    if set(strategies) - {"single", "compiled"}:
         for preset in presets:
             mb = args.micro_batch or load_config(preset).train.micro_batch
             if mb % args.nproc:
@@ -298,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         f"device {device} ({where}), torch {torch.__version__}, {threads} CPU threads; "
         f"{args.warmup} warm-up + {args.steps} timed steps per config, grad accumulation 1, "
         f"random tokens; strategies {', '.join(strategies)}"
-        + (f" ({args.nproc} processes)" if set(strategies) - {"single"} else ""),
+        + (f" ({args.nproc} processes)" if set(strategies) & {"ddp", "fsdp"} else ""),
         flush=True,
     )
     t_all = time.perf_counter()
@@ -309,9 +321,12 @@ def main(argv: list[str] | None = None) -> int:
             peak = measure_matmul_peak(device, prec, seconds=args.peak_seconds)
             single = None
             for strategy in strategies:
-                if strategy == "single":
-                    r = time_steps(preset, prec, device, **kw)
-                    single = r
+                if strategy in ("single", "compiled"):
+                    r = time_steps(preset, prec, device, **kw, strategy=strategy)
+                    if strategy == "single":
+                        single = r
+                    elif single:
+                        r["vs_single"] = r["tok_per_s"] / single["tok_per_s"]
                 else:
                     r = run_distributed(preset, prec, strategy, args, threads)
                     if single:
@@ -321,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(r)
                 print(
                     f"  {preset}/{prec}/{strategy}: {r['tok_per_s']:,.0f} tok/s, "
-                    f"MFU {100 * r['mfu']:.1f}% (peak {peak / 1e9:,.1f} GFLOP/s)",
+                    f"MFU {100 * r['mfu']:.1f}% (peak {peak / 1e9:,.1f} GFLOP/s), "
+                    f"first step {r['first_step_s']:.1f} s",
                     flush=True,
                 )
 

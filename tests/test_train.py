@@ -130,3 +130,21 @@ def test_fsdp_matches_one_process_and_checkpoints_reshard(tmp_path, data_dir):
     _torchrun(*common, "--out", one, "--micro-batch", "2", "--grad-accum", "2",
               "--strategy", "fsdp", "--resume")
     assert [x for _, x in _losses(one)] == pytest.approx([x for _, x in b], rel=1e-4)
+
+
+def test_compile_setting(tmp_path):
+    from azllm.config import apply_overrides, load_config
+    from azllm.errors import AzllmError
+    from azllm.train import use_compile
+
+    assert load_config("baby").train.compile == "auto"
+    toml = tmp_path / "c.toml"
+    toml.write_text('preset = "tiny"\n[train]\ncompile = true\n')
+    assert load_config(str(toml)).train.compile == "on"  # older configs said true/false
+    assert apply_overrides(load_config("tiny"), {"compile": False}).train.compile == "off"
+    with pytest.raises(AzllmError, match="train.compile"):
+        apply_overrides(load_config("tiny"), {"compile": "fast"}).train.validate()
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not use_compile("auto", cpu, fsdp=False)
+    assert use_compile("on", cpu, fsdp=False) and not use_compile("off", cuda, fsdp=False)
+    assert not use_compile("auto", cuda, fsdp=True)

@@ -298,8 +298,19 @@ class _Terminated(KeyboardInterrupt):
     pass
 
 
-def _on_sigterm(signum, frame):
-    raise _Terminated()
+_STOP = threading.Event()
+
+
+def _on_signal(signum, frame):
+    # Also leave a flag the loop checks: an exception raised while the interpreter runs an
+    # at-fork hook (a worker being started) is printed and dropped, and the build would go on.
+    _STOP.set()
+    raise KeyboardInterrupt() if signum == signal.SIGINT else _Terminated()
+
+
+def _check_stop() -> None:
+    if _STOP.is_set():
+        raise _Terminated()
 
 
 def build_corpus(
@@ -331,7 +342,10 @@ def build_corpus(
     started = time.time()
 
     in_main = threading.current_thread() is threading.main_thread()
-    old_handler = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    _STOP.clear()
+    old = {}
+    if in_main:
+        old = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with atomic_dir(out_dir, replace=force) as tmp:
             umask = os.umask(0)
@@ -354,7 +368,9 @@ def build_corpus(
             writer = SplitWriter(tmp, cfg.val_fraction, cfg.zstd_level)
             try:
                 for p in _run_parallel(docs, cfg, workers):
+                    _check_stop()
                     _account(p, report, dedup, writer, file_index, members)
+                _check_stop()
             finally:
                 bar.close()
                 writer.close()
@@ -362,8 +378,8 @@ def build_corpus(
             _finish(report, dedup, files, members)
             (tmp / "report.json").write_text(report.to_json(), encoding="utf-8")
     finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, old_handler)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
     return report
 
 
