@@ -23,7 +23,6 @@ portable artefact.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import warnings
@@ -43,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from azllm.atomic import move_dir_into_place
 from azllm.errors import AzllmError
 
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -163,14 +163,7 @@ def save_checkpoint(
         "world_size": dist.get_world_size() if _distributed() else 1,
     }
     torch.save(trainer, tmp / "trainer.pt")
-    if target.exists():  # a re-run of the same step: swap only once the new one is whole
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+    move_dir_into_place(tmp, target)  # a re-run of the same step replaces it only now
     _write_safetensors(weights, run_dir / "model.safetensors")
     for old in checkpoint_dirs(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
