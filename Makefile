@@ -29,6 +29,7 @@ quickstart: $(VENV)/.installed
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check azllm tests bench
+	$(BIN)/ruff format --check azllm tests bench
 
 test: $(VENV)/.installed-test lint
 	$(BIN)/python -m pytest -q

@@ -33,8 +33,9 @@ def read_text_file(path: Path) -> str:
 
 
 @torch.no_grad()
-def nll_of_ids(model: GPT, ids: list[int], *, batch_size: int = 8,
-               precision: str = "fp32") -> tuple[float, int]:
+def nll_of_ids(
+    model: GPT, ids: list[int], *, batch_size: int = 8, precision: str = "fp32"
+) -> tuple[float, int]:
     """Total NLL (nats) of ids[1:] given what precedes each, in windows of the model's context.
 
     Windows overlap by one token, so every token after the first is predicted exactly once.
@@ -53,14 +54,16 @@ def nll_of_ids(model: GPT, ids: list[int], *, batch_size: int = 8,
         x, y = x.to(device), y.to(device)
         with autocast(device, precision):
             logits, _ = model(x)
-        total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
-                                 ignore_index=-1, reduction="sum").item()
+        total += F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-1, reduction="sum"
+        ).item()
         count += int((y != -1).sum())
     return total, count
 
 
-def evaluate_text(model: GPT, tok: AzTokenizer, text: str, *, batch_size: int = 8,
-                  precision: str = "fp32") -> dict:
+def evaluate_text(
+    model: GPT, tok: AzTokenizer, text: str, *, batch_size: int = 8, precision: str = "fp32"
+) -> dict:
     """{"loss", "perplexity", "bpb", "tokens", "bytes"} of `text` under the model.
 
     The text is preceded by EOS (a document boundary), so its first token is predicted too.
@@ -69,5 +72,10 @@ def evaluate_text(model: GPT, tok: AzTokenizer, text: str, *, batch_size: int = 
     nll, n = nll_of_ids(model, ids, batch_size=batch_size, precision=precision)
     n_bytes = len(text.encode("utf-8"))
     loss = nll / n
-    return {"loss": loss, "perplexity": math.exp(loss), "bpb": nll / math.log(2) / n_bytes,
-            "tokens": n, "bytes": n_bytes}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bpb": nll / math.log(2) / n_bytes,
+        "tokens": n,
+        "bytes": n_bytes,
+    }

@@ -15,8 +15,13 @@ from azllm.errors import AzllmError
 from azllm.model import GPT, KVCache
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     """logits [B, V] -> next ids [B]. temperature 0 means greedy."""
     if temperature <= 0:
         return logits.argmax(-1)
@@ -57,19 +62,24 @@ def generate(
     ctx = model.cfg.block_size
     longest = max(len(p) for p in prompts)
     if longest >= ctx:
-        raise AzllmError(f"prompt of {longest} tokens does not fit the model's context of {ctx}; "
-                         "shorten the prompt")
+        raise AzllmError(
+            f"prompt of {longest} tokens does not fit the model's context of {ctx}; "
+            "shorten the prompt"
+        )
     max_new_tokens = min(max_new_tokens, ctx - longest)
     device = next(model.parameters()).device
     b = len(prompts)
     tokens = torch.full((b, longest), pad_id, dtype=torch.long, device=device)
     real = torch.zeros((b, longest), dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
-        tokens[i, longest - len(p):] = torch.tensor(p, device=device)
-        real[i, longest - len(p):] = True
+        tokens[i, longest - len(p) :] = torch.tensor(p, device=device)
+        real[i, longest - len(p) :] = True
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    cache = KVCache(model.cfg, b, longest + max_new_tokens, device, DTYPES[precision]) if (
-        use_cache) else None
+    cache = (
+        KVCache(model.cfg, b, longest + max_new_tokens, device, DTYPES[precision])
+        if (use_cache)
+        else None
+    )
     out: list[list[int]] = [[] for _ in range(b)]
     done = torch.zeros(b, dtype=torch.bool, device=device)
     step_input, step_real = tokens, real
@@ -90,12 +100,15 @@ def generate(
         if bool(done.all()):
             break
         if use_cache:
-            step_input, step_real = nxt[:, None], torch.ones((b, 1), dtype=torch.bool,
-                                                             device=device)
+            step_input, step_real = (
+                nxt[:, None],
+                torch.ones((b, 1), dtype=torch.bool, device=device),
+            )
         else:  # recompute the whole sequence each step (the reference the cache must match)
             step_input = torch.cat([step_input, nxt[:, None]], 1)
-            step_real = torch.cat([step_real, torch.ones((b, 1), dtype=torch.bool,
-                                                         device=device)], 1)
+            step_real = torch.cat(
+                [step_real, torch.ones((b, 1), dtype=torch.bool, device=device)], 1
+            )
     return out
 
 
@@ -114,5 +127,5 @@ class StreamDecoder:
         text = self.decode(self.ids)
         if text.endswith("\ufffd"):
             return ""
-        new, self.printed = text[self.printed:], len(text)
+        new, self.printed = text[self.printed :], len(text)
         return new

@@ -58,13 +58,16 @@ def seconds_per_step(cfg, data_dir: Path) -> float:
     return min(times[1:])  # the first step pays for warm-up
 
 
-def quickstart(out: Path, *, minutes: float = 5.0, force: bool = False,
-               vocab_size: int = 4096) -> dict:
+def quickstart(
+    out: Path, *, minutes: float = 5.0, force: bool = False, vocab_size: int = 4096
+) -> dict:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists() and not force:
-            raise AzllmError(f"{out}: not empty and not an earlier quickstart; pass --force or "
-                             "choose another --out")
+            raise AzllmError(
+                f"{out}: not empty and not an earlier quickstart; pass --force or "
+                "choose another --out"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True)
     t_start = time.perf_counter()
@@ -78,45 +81,78 @@ def quickstart(out: Path, *, minutes: float = 5.0, force: bool = False,
     meta = tokenize_to_shards(tok, [corpus], out / "data", val_fraction=0.1, progress=False)
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
     stats = tokenizer_stats(tok, iter_all_documents([corpus]))
-    print(f"      train {tr['tokens']:,} tokens, val {va['tokens']:,} tokens; fertility "
-          f"{stats['fertility']:.2f} tokens/word, {stats['bytes_per_token']:.2f} bytes/token")
+    print(
+        f"      train {tr['tokens']:,} tokens, val {va['tokens']:,} tokens; fertility "
+        f"{stats['fertility']:.2f} tokens/word, {stats['bytes_per_token']:.2f} bytes/token"
+    )
 
     cfg = load_config("baby")
     # The bundled corpus is small (~15k tokens): a few minutes are many epochs, so dropout keeps
     # the model from memorising it and the samples come from the best validation checkpoint.
-    cfg = apply_overrides(cfg, {"model.vocab_size": tok.vocab_size, "model.dropout": 0.1,
-                                "train.micro_batch": 16, "train.grad_accum": 1, "train.lr": 2e-3})
+    cfg = apply_overrides(
+        cfg,
+        {
+            "model.vocab_size": tok.vocab_size,
+            "model.dropout": 0.1,
+            "train.micro_batch": 16,
+            "train.grad_accum": 1,
+            "train.lr": 2e-3,
+        },
+    )
     per_step = seconds_per_step(cfg, out / "data")
     # Leave ~15% of the budget for evaluation, checkpoints and the plot.
     steps = max(20, int(minutes * 60 * 0.85 / per_step))
-    cfg = apply_overrides(cfg, {
-        "train.max_steps": steps, "train.warmup_steps": max(5, steps // 20),
-        "train.eval_interval": max(10, steps // 8), "train.eval_batches": 4,
-        "train.log_interval": max(1, steps // 100), "train.ckpt_interval": max(10, steps // 4),
-    })
-    print(f"[3/4] training a {cfg.model.n_layer}-layer baby model for {steps} steps "
-          f"(~{per_step:.2f} s/step, budget {minutes:g} min)")
+    cfg = apply_overrides(
+        cfg,
+        {
+            "train.max_steps": steps,
+            "train.warmup_steps": max(5, steps // 20),
+            "train.eval_interval": max(10, steps // 8),
+            "train.eval_batches": 4,
+            "train.log_interval": max(1, steps // 100),
+            "train.ckpt_interval": max(10, steps // 4),
+        },
+    )
+    print(
+        f"[3/4] training a {cfg.model.n_layer}-layer baby model for {steps} steps "
+        f"(~{per_step:.2f} s/step, budget {minutes:g} min)"
+    )
     last = train(cfg, out / "data", out / "run")
 
     print("[4/4] samples from the best checkpoint (temperature 0.8, top-k 40):")
     model, tok, _ = load_run(out / "run", weights="best")
-    outs = generate(model, [[tok.bos_id] + tok.encode(p) for p in PROMPTS], max_new_tokens=60,
-                    temperature=0.8, top_k=40, seed=0, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    outs = generate(
+        model,
+        [[tok.bos_id] + tok.encode(p) for p in PROMPTS],
+        max_new_tokens=60,
+        temperature=0.8,
+        top_k=40,
+        seed=0,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+    )
     for p, o in zip(PROMPTS, outs, strict=True):
         print(f"  » {p}{tok.decode(o)}")
-    best = min((r for r in read_metrics(out / "run") if "val_loss" in r),
-               key=lambda r: r["val_loss"])
+    best = min(
+        (r for r in read_metrics(out / "run") if "val_loss" in r), key=lambda r: r["val_loss"]
+    )
     summary = {
-        "steps": last["step"], "train_loss": last["loss"], "val_loss": best["val_loss"],
-        "val_bpb": best["val_bpb"], "best_step": best["step"],
+        "steps": last["step"],
+        "train_loss": last["loss"],
+        "val_loss": best["val_loss"],
+        "val_bpb": best["val_bpb"],
+        "best_step": best["step"],
         "minutes": (time.perf_counter() - t_start) / 60,
-        "run": str(out / "run"), "plot": str(out / "run" / "loss.png"),
+        "run": str(out / "run"),
+        "plot": str(out / "run" / "loss.png"),
     }
     atomic_write_text(out / MARKER, json.dumps(summary, indent=2))
     first = json.loads((out / "run" / "metrics.jsonl").read_text().splitlines()[0])
-    print(f"\nloss {first['loss']:.3f} -> {last['loss']:.3f} (uniform guess: "
-          f"{math.log(tok.vocab_size):.3f}); best val {summary['val_bpb']:.3f} bits per byte "
-          f"(step {best['step']})")
+    print(
+        f"\nloss {first['loss']:.3f} -> {last['loss']:.3f} (uniform guess: "
+        f"{math.log(tok.vocab_size):.3f}); best val {summary['val_bpb']:.3f} bits per byte "
+        f"(step {best['step']})"
+    )
     print(f"plot: {summary['plot']}   total {summary['minutes']:.1f} min")
     print(f"next: azllm generate --run {out / 'run'} --prompt 'Azərbaycan'")
     return summary

@@ -25,16 +25,27 @@ def shared_path(*parts: str) -> Path:
     return p
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None,
-            check: bool = True) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str,
+    cwd: Path | None = None,
+    timeout: float = 600,
+    env: dict | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
     """Run `python -m azllm.cli ARGS` as a real process."""
     proc = subprocess.run(
-        [sys.executable, "-m", "azllm.cli", *map(str, args)], cwd=cwd, capture_output=True,
-        text=True, timeout=timeout, env={**os.environ, **(env or {})},
+        [sys.executable, "-m", "azllm.cli", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"azllm {' '.join(map(str, args))} failed ({proc.returncode}):\n"
-                             f"{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"azllm {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+            f"{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -71,8 +82,15 @@ def tiny_run(tmp_path_factory, data_dir) -> Path:
     from azllm.train import train
 
     run = tmp_path_factory.mktemp("tiny_run") / "run"
-    cfg = apply_overrides(load_config("tiny"), {
-        "model.block_size": 128, "train.precision": "fp32", "train.max_steps": 60,
-        "train.eval_interval": 60, "train.ckpt_interval": 60})
+    cfg = apply_overrides(
+        load_config("tiny"),
+        {
+            "model.block_size": 128,
+            "train.precision": "fp32",
+            "train.max_steps": 60,
+            "train.eval_interval": 60,
+            "train.ckpt_interval": 60,
+        },
+    )
     train(cfg, data_dir, run, progress=False)
     return run

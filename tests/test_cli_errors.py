@@ -19,45 +19,129 @@ def fails(*args, match: str):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, data_dir):
     run = tmp_path_factory.mktemp("r") / "run"
-    run_cli("train", "--config", "tiny", "--precision", "fp32", "--data", data_dir, "--out", run,
-            "--max-steps", "4", "--ckpt-interval", "2", "--eval-interval", "2")
+    run_cli(
+        "train",
+        "--config",
+        "tiny",
+        "--precision",
+        "fp32",
+        "--data",
+        data_dir,
+        "--out",
+        run,
+        "--max-steps",
+        "4",
+        "--ckpt-interval",
+        "2",
+        "--eval-interval",
+        "2",
+    )
     return run
 
 
 def test_missing_empty_and_non_utf8_corpus(tmp_path, tokenizer_path):
-    fails("tokenizer", "train", "--input", tmp_path / "nope.txt", "--out", tmp_path / "t.json",
-          match="no such file")
+    fails(
+        "tokenizer",
+        "train",
+        "--input",
+        tmp_path / "nope.txt",
+        "--out",
+        tmp_path / "t.json",
+        match="no such file",
+    )
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n")
     fails("tokenizer", "train", "--input", empty, "--out", tmp_path / "t.json", match="empty")
     latin = tmp_path / "latin1.txt"
     latin.write_bytes("Gözəl gün\n".encode() + "çay və şəkər".encode("cp1254", "replace"))
-    fails("tokenize", "--tokenizer", tokenizer_path, "--input", latin, "--out", tmp_path / "d",
-          match="not UTF-8")
+    fails(
+        "tokenize",
+        "--tokenizer",
+        tokenizer_path,
+        "--input",
+        latin,
+        "--out",
+        tmp_path / "d",
+        match="not UTF-8",
+    )
     assert not (tmp_path / "d").exists()
-    fails("tokenize", "--tokenizer", tmp_path / "none.json", "--input", latin, "--out",
-          tmp_path / "d", match="tokenizer file not found")
+    fails(
+        "tokenize",
+        "--tokenizer",
+        tmp_path / "none.json",
+        "--input",
+        latin,
+        "--out",
+        tmp_path / "d",
+        match="tokenizer file not found",
+    )
 
 
 def test_data_dir_without_shards(tmp_path):
     (tmp_path / "data").mkdir()
-    fails("train", "--config", "tiny", "--data", tmp_path / "data", "--out", tmp_path / "run",
-          match="no meta.json")
+    fails(
+        "train",
+        "--config",
+        "tiny",
+        "--data",
+        tmp_path / "data",
+        "--out",
+        tmp_path / "run",
+        match="no meta.json",
+    )
 
 
 def test_unknown_config_key_and_bad_values(tmp_path, data_dir):
     toml = tmp_path / "c.toml"
     toml.write_text('preset = "tiny"\n[model]\nn_layers = 4\n')
-    fails("train", "--config", toml, "--data", data_dir, "--out", tmp_path / "r",
-          match="unknown key 'n_layers'")
+    fails(
+        "train",
+        "--config",
+        toml,
+        "--data",
+        data_dir,
+        "--out",
+        tmp_path / "r",
+        match="unknown key 'n_layers'",
+    )
     toml.write_text("[train]\nlr = 'fast'\n")
     fails("model", "summary", "--config", toml, match="train.lr")
-    fails("train", "--config", "huge", "--data", data_dir, "--out", tmp_path / "r",
-          match="neither a preset")
-    fails("train", "--config", "tiny", "--data", data_dir, "--out", tmp_path / "r",
-          "--set", "model.n_head=5", match="divisible")
-    fails("train", "--config", "tiny", "--data", data_dir, "--out", tmp_path / "r",
-          "--precision", "fp16", "--device", "cpu", match="fp16 needs a CUDA GPU")
+    fails(
+        "train",
+        "--config",
+        "huge",
+        "--data",
+        data_dir,
+        "--out",
+        tmp_path / "r",
+        match="neither a preset",
+    )
+    fails(
+        "train",
+        "--config",
+        "tiny",
+        "--data",
+        data_dir,
+        "--out",
+        tmp_path / "r",
+        "--set",
+        "model.n_head=5",
+        match="divisible",
+    )
+    fails(
+        "train",
+        "--config",
+        "tiny",
+        "--data",
+        data_dir,
+        "--out",
+        tmp_path / "r",
+        "--precision",
+        "fp16",
+        "--device",
+        "cpu",
+        match="fp16 needs a CUDA GPU",
+    )
 
 
 def test_vocab_mismatch(tmp_path, run_dir):
@@ -72,8 +156,19 @@ def test_vocab_mismatch(tmp_path, run_dir):
     fails("generate", "--run", copy, "--prompt", "Salam", match="tokenizer.json has")
     data = tmp_path / "data"
     tokenize_to_shards(other, [SAMPLE], data, val_fraction=0.1, progress=False)
-    fails("train", "--config", "tiny", "--data", data, "--out", run_dir, "--resume",
-          "--max-steps", "8", match="different tokenizer")
+    fails(
+        "train",
+        "--config",
+        "tiny",
+        "--data",
+        data,
+        "--out",
+        run_dir,
+        "--resume",
+        "--max-steps",
+        "8",
+        match="different tokenizer",
+    )
 
 
 def test_existing_run_needs_resume(run_dir, data_dir):
@@ -87,12 +182,34 @@ def test_corrupt_checkpoint(tmp_path, run_dir, data_dir):
     for name in ("__0_0.distcp", "trainer.pt"):
         whole = (ckpt / name).read_bytes()
         (ckpt / name).write_bytes(whole[: len(whole) // 2])
-        fails("train", "--config", "tiny", "--data", data_dir, "--out", copy, "--resume",
-              "--max-steps", "8", match="truncated or corrupt")
+        fails(
+            "train",
+            "--config",
+            "tiny",
+            "--data",
+            data_dir,
+            "--out",
+            copy,
+            "--resume",
+            "--max-steps",
+            "8",
+            match="truncated or corrupt",
+        )
         (ckpt / name).write_bytes(whole)
     (ckpt / "trainer.pt").unlink()
-    fails("train", "--config", "tiny", "--data", data_dir, "--out", copy, "--resume",
-          "--max-steps", "8", match="trainer.pt is missing")
+    fails(
+        "train",
+        "--config",
+        "tiny",
+        "--data",
+        data_dir,
+        "--out",
+        copy,
+        "--resume",
+        "--max-steps",
+        "8",
+        match="trainer.pt is missing",
+    )
     weights = copy / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:500])
     fails("generate", "--run", copy, "--prompt", "Salam", match="truncated or corrupt")
@@ -102,15 +219,32 @@ def test_corrupt_checkpoint(tmp_path, run_dir, data_dir):
 
 
 def test_prompt_longer_than_context(run_dir):
-    fails("generate", "--run", run_dir, "--prompt", "Azərbaycan dili " * 80,
-          match="does not fit the model's context")
+    fails(
+        "generate",
+        "--run",
+        run_dir,
+        "--prompt",
+        "Azərbaycan dili " * 80,
+        match="does not fit the model's context",
+    )
 
 
 def test_generate_and_eval_work_on_the_run(run_dir, tmp_path):
     import json
 
-    out = run_cli("generate", "--run", run_dir, "--prompt", "Bakı", "--prompt", "Bir gün",
-                  "--max-new-tokens", "8", "--seed", "1").stdout
+    out = run_cli(
+        "generate",
+        "--run",
+        run_dir,
+        "--prompt",
+        "Bakı",
+        "--prompt",
+        "Bir gün",
+        "--max-new-tokens",
+        "8",
+        "--seed",
+        "1",
+    ).stdout
     assert out.count("--- sample") == 2 and "Bakı" in out and "Bir gün" in out
     text = tmp_path / "held.txt"
     text.write_text("Bu gün hava çox gözəldir, uşaqlar parkda oynayır.\n")
@@ -120,7 +254,19 @@ def test_generate_and_eval_work_on_the_run(run_dir, tmp_path):
 
 
 def test_vram_budget_that_cannot_fit(tmp_path, data_dir):
-    fails("train", "--config", "az-100m", "--data", data_dir, "--out", tmp_path / "r",
-          "--vram", "200MB", "--device", "cpu", match="smallest budget that fits is")
+    fails(
+        "train",
+        "--config",
+        "az-100m",
+        "--data",
+        data_dir,
+        "--out",
+        tmp_path / "r",
+        "--vram",
+        "200MB",
+        "--device",
+        "cpu",
+        match="smallest budget that fits is",
+    )
     assert not (tmp_path / "r").exists()
     fails("plan", "--config", "baby", "--vram", "lots", match="lots")

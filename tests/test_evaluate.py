@@ -10,8 +10,16 @@ from azllm.model import GPT
 
 def test_bits_per_byte_of_a_uniform_model(tok):
     """A model whose logits are all zero predicts uniformly: loss is exactly ln(V) per token."""
-    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2,
-                            n_embd=16, tie_embeddings=False)).eval()
+    model = GPT(
+        ModelConfig(
+            vocab_size=tok.vocab_size,
+            block_size=16,
+            n_layer=1,
+            n_head=2,
+            n_embd=16,
+            tie_embeddings=False,
+        )
+    ).eval()
     torch.nn.init.zeros_(model.lm_head.weight)
     text = "Azərbaycan dili türk dilləri ailəsinə aiddir. " * 7
     res = evaluate_text(model, tok, text)

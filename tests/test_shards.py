@@ -10,8 +10,12 @@ from azllm.shards import TokenBatches, read_meta, tokenize_to_shards
 
 def _docs_from_split(data_dir, tok, split):
     meta = read_meta(data_dir)
-    ids = np.concatenate([np.fromfile(data_dir / s["file"], dtype=meta["dtype"])
-                          for s in meta["splits"][split]["shards"]])
+    ids = np.concatenate(
+        [
+            np.fromfile(data_dir / s["file"], dtype=meta["dtype"])
+            for s in meta["splits"][split]["shards"]
+        ]
+    )
     docs, cur = [], []
     for t in ids.tolist():
         if t == tok.eos_id:

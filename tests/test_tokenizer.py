@@ -60,8 +60,9 @@ def test_cli_train_and_stats(tmp_path):
     run_cli("tokenizer", "train", "--input", text, "--vocab-size", "300", "--out", out)
     tok = load_tokenizer(out)
     assert tok.vocab_size <= 300
-    stats = json.loads(run_cli("tokenizer", "stats", "--tokenizer", out, "--text", text,
-                               "--json").stdout)
+    stats = json.loads(
+        run_cli("tokenizer", "stats", "--tokenizer", out, "--text", text, "--json").stdout
+    )
     words = len(text.read_text().split())
     tokens = sum(len(tok.encode(d.strip())) for d in text.read_text().split("\n\n") if d.strip())
     assert stats["words"] == words

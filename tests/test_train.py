@@ -21,10 +21,30 @@ def _losses(run):
 
 def test_train_writes_a_self_contained_run(tmp_path, data_dir):
     run = tmp_path / "run"
-    run_cli("train", *TINY, "--data", data_dir, "--out", run, "--max-steps", "30",
-            "--ckpt-interval", "10", "--keep-last", "2", "--eval-interval", "10")
-    for name in ("config.json", "tokenizer.json", "model.safetensors", "best.safetensors",
-                 "metrics.jsonl", "loss.png"):
+    run_cli(
+        "train",
+        *TINY,
+        "--data",
+        data_dir,
+        "--out",
+        run,
+        "--max-steps",
+        "30",
+        "--ckpt-interval",
+        "10",
+        "--keep-last",
+        "2",
+        "--eval-interval",
+        "10",
+    )
+    for name in (
+        "config.json",
+        "tokenizer.json",
+        "model.safetensors",
+        "best.safetensors",
+        "metrics.jsonl",
+        "loss.png",
+    ):
         assert (run / name).exists(), name
     assert [p.name for p in checkpoint_dirs(run)] == ["step-20", "step-30"]  # keep last 2
     ckpt = run / "checkpoints/step-30"
@@ -44,15 +64,26 @@ def test_train_writes_a_self_contained_run(tmp_path, data_dir):
 
 
 def test_exact_resume_after_a_real_kill(tmp_path, data_dir):
-    args = [*TINY, "--data", data_dir, "--max-steps", "150", "--ckpt-interval", "10",
-            "--eval-interval", "50"]
+    args = [
+        *TINY,
+        "--data",
+        data_dir,
+        "--max-steps",
+        "150",
+        "--ckpt-interval",
+        "10",
+        "--eval-interval",
+        "50",
+    ]
     ref = tmp_path / "ref"
     run_cli("train", *args, "--out", ref)
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "azllm.cli", "train", *map(str, args),
-                             "--out", str(run)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "azllm.cli", "train", *map(str, args), "--out", str(run)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not (run / "checkpoints" / "step-30").exists():
         assert proc.poll() is None, "training ended before it could be killed"
@@ -66,21 +97,50 @@ def test_exact_resume_after_a_real_kill(tmp_path, data_dir):
     # the whole loss curve, bit for bit, including steps redone after the kill
     assert _losses(run) == _losses(ref)
     assert [r for r in read_metrics(run) if "val_loss" in r] == [
-        r for r in read_metrics(ref) if "val_loss" in r]
+        r for r in read_metrics(ref) if "val_loss" in r
+    ]
 
 
 def test_two_process_ddp_matches_one_process(tmp_path, data_dir):
-    common = [*TINY, "--data", str(data_dir), "--max-steps", "8", "--eval-interval", "4",
-              "--ckpt-interval", "8"]
+    common = [
+        *TINY,
+        "--data",
+        str(data_dir),
+        "--max-steps",
+        "8",
+        "--eval-interval",
+        "4",
+        "--ckpt-interval",
+        "8",
+    ]
     one = tmp_path / "one"
     run_cli("train", *common, "--out", one, "--micro-batch", "4", "--grad-accum", "2")
     two = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "azllm.cli", "train", *common, "--out", str(two), "--micro-batch", "2",
-         "--grad-accum", "2"],
-        capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "azllm.cli",
+            "train",
+            *common,
+            "--out",
+            str(two),
+            "--micro-batch",
+            "2",
+            "--grad-accum",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _losses(one), _losses(two)
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 9))
@@ -94,23 +154,52 @@ def test_two_process_ddp_matches_one_process(tmp_path, data_dir):
 def _torchrun(*args, nproc=2):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone",
-         f"--nproc_per_node={nproc}", "-m", "azllm.cli", "train", *map(str, args)],
-        capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "azllm.cli",
+            "train",
+            *map(str, args),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_fsdp_matches_one_process_and_checkpoints_reshard(tmp_path, data_dir):
     import shutil
 
-    common = [*TINY, "--data", data_dir, "--max-steps", "8", "--eval-interval", "4",
-              "--ckpt-interval", "4", "--keep-last", "2", "--chunked-ce", "50",
-              "--optimizer-state", "bf16"]
+    common = [
+        *TINY,
+        "--data",
+        data_dir,
+        "--max-steps",
+        "8",
+        "--eval-interval",
+        "4",
+        "--ckpt-interval",
+        "4",
+        "--keep-last",
+        "2",
+        "--chunked-ce",
+        "50",
+        "--optimizer-state",
+        "bf16",
+    ]
     one = tmp_path / "one"
     run_cli("train", *common, "--out", one, "--micro-batch", "4", "--grad-accum", "2")
     fsdp = tmp_path / "fsdp"
-    _torchrun(*common, "--out", fsdp, "--micro-batch", "2", "--grad-accum", "2",
-              "--strategy", "fsdp")
+    _torchrun(
+        *common, "--out", fsdp, "--micro-batch", "2", "--grad-accum", "2", "--strategy", "fsdp"
+    )
     a, b = _losses(one), _losses(fsdp)
     assert [s for s, _ in b] == list(range(1, 9))
     assert [x for _, x in a] == pytest.approx([y for _, y in b], rel=1e-4)
@@ -122,13 +211,22 @@ def test_fsdp_matches_one_process_and_checkpoints_reshard(tmp_path, data_dir):
     assert sum(sizes) < 1.15 * sum(single)  # together one copy (plus per-file overhead)
     # As if killed after step 4: drop the later checkpoint, resume on ONE process...
     shutil.rmtree(fsdp / "checkpoints" / "step-8")
-    run_cli("train", *common, "--out", fsdp, "--micro-batch", "4", "--grad-accum", "2",
-            "--resume")
+    run_cli("train", *common, "--out", fsdp, "--micro-batch", "4", "--grad-accum", "2", "--resume")
     assert [x for _, x in _losses(fsdp)] == pytest.approx([x for _, x in a], rel=1e-4)
     # ...and a one-process checkpoint resumes sharded over TWO.
     shutil.rmtree(one / "checkpoints" / "step-8")
-    _torchrun(*common, "--out", one, "--micro-batch", "2", "--grad-accum", "2",
-              "--strategy", "fsdp", "--resume")
+    _torchrun(
+        *common,
+        "--out",
+        one,
+        "--micro-batch",
+        "2",
+        "--grad-accum",
+        "2",
+        "--strategy",
+        "fsdp",
+        "--resume",
+    )
     assert [x for _, x in _losses(one)] == pytest.approx([x for _, x in b], rel=1e-4)
 
 
