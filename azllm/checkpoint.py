@@ -23,6 +23,7 @@ portable artefact.
 
 from __future__ import annotations
 
+import pickle
 import re
 import shutil
 import warnings
@@ -121,12 +122,59 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _dcp(fn, state: dict, path: Path) -> None:
+def _dcp(fn, state: dict, path: Path, **kw) -> None:
     """dcp.save/dcp.load; without a process group DCP warns each time that it assumes a single
     process, which is what we mean."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
-        fn(state, checkpoint_id=path, no_dist=not _distributed())
+        fn(state, checkpoint_id=path, no_dist=not _distributed(), **kw)
+
+
+# DCP reads two things with plain pickle: .metadata, and non-tensor values (the optimizer's
+# hyper-parameters) with torch.load(weights_only=False). A checkpoint can come from someone else
+# ("continue from my step-5000"), so both are first read with an allow-list that only builds
+# data, and a file that asks for anything else is refused before pickle runs it.
+_METADATA_CLASSES = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("collections", "OrderedDict"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        allowed = (
+            (module, name) in _METADATA_CLASSES
+            or module == "torch.distributed.checkpoint.metadata"
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+        return super().find_class(module, name)
+
+
+def _check_metadata(ckpt_dir: Path) -> None:
+    """Read .metadata with the allow-list before DCP reads it with plain pickle."""
+    try:
+        with open(ckpt_dir / ".metadata", "rb") as f:
+            _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise AzllmError(
+            f"{ckpt_dir}: .metadata is missing; delete this checkpoint folder to resume from the "
+            "one before"
+        ) from None
+    except Exception as e:  # truncated, or asks for something it may not
+        raise _corrupt(ckpt_dir / ".metadata", e) from None
+
+
+class _CheckedPlanner(dcp.DefaultLoadPlanner):
+    def load_bytes(self, read_item, value) -> None:
+        torch.load(value, weights_only=True)  # raises on anything but plain data
+        value.seek(0)
+        super().load_bytes(read_item, value)
 
 
 def save_checkpoint(
@@ -183,10 +231,11 @@ def load_checkpoint(ckpt_dir: Path, model, optimizer, scaler) -> dict:
     {"step", "best_val_loss"}. DCP reshards to the current strategy and process count."""
     ckpt_dir = Path(ckpt_dir)
     trainer = _load_trainer(ckpt_dir / "trainer.pt")
+    _check_metadata(ckpt_dir)
     msd, osd = get_state_dict(unwrap(model), optimizer)
     state = {"model": msd, "optimizer": osd}
     try:
-        _dcp(dcp.load, state, ckpt_dir)
+        _dcp(dcp.load, state, ckpt_dir, planner=_CheckedPlanner())
     except CheckpointException as e:  # per-rank failures (a BaseException): show the first
         raise _corrupt(ckpt_dir, next(iter(e.failures.values()))[0]) from None
     except Exception as e:

@@ -179,43 +179,62 @@ def test_corrupt_checkpoint(tmp_path, run_dir, data_dir):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     ckpt = copy / "checkpoints" / "step-4"
+    resume = ["train", "--config", "tiny", "--data", data_dir, "--out", copy, "--resume",
+              "--max-steps", "8"]  # fmt: skip
     for name in ("__0_0.distcp", "trainer.pt"):
         whole = (ckpt / name).read_bytes()
         (ckpt / name).write_bytes(whole[: len(whole) // 2])
-        fails(
-            "train",
-            "--config",
-            "tiny",
-            "--data",
-            data_dir,
-            "--out",
-            copy,
-            "--resume",
-            "--max-steps",
-            "8",
-            match="truncated or corrupt",
-        )
+        fails(*resume, match="truncated or corrupt")
         (ckpt / name).write_bytes(whole)
     (ckpt / "trainer.pt").unlink()
-    fails(
-        "train",
-        "--config",
-        "tiny",
-        "--data",
-        data_dir,
-        "--out",
-        copy,
-        "--resume",
-        "--max-steps",
-        "8",
-        match="trainer.pt is missing",
-    )
+    fails(*resume, match="trainer.pt is missing")
     weights = copy / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:500])
     fails("generate", "--run", copy, "--prompt", "Salam", match="truncated or corrupt")
     text = tmp_path / "t.txt"
     text.write_text("Salam dünya.\n")
     fails("eval", "--run", tmp_path / "nothing", "--text", text, match="no such run")
+
+
+class _Evil:
+    """Unpickled by plain pickle, this would create a file: a stand-in for any command."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_from_someone_else_cannot_run_code(tmp_path, run_dir, data_dir):
+    import pickle
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    marker = tmp_path / "pwned"
+    (copy / "checkpoints" / "step-4" / ".metadata").write_bytes(pickle.dumps(_Evil(marker)))
+    fails("train", "--config", "tiny", "--data", data_dir, "--out", copy, "--resume",
+          "--max-steps", "8", match="not allowed")  # fmt: skip
+    assert not marker.exists()
+
+
+def test_non_tensor_checkpoint_values_are_read_as_data_only(tmp_path):
+    """DCP torch.loads non-tensor values (optimizer hyper-parameters) with weights_only=False;
+    azllm's planner reads them as plain data first."""
+    import io
+    import pickle
+
+    import torch
+
+    from azllm.checkpoint import _CheckedPlanner
+
+    marker = tmp_path / "pwned"
+    buf = io.BytesIO()
+    torch.save(_Evil(marker), buf)
+    buf.seek(0)
+    with pytest.raises(pickle.UnpicklingError):
+        _CheckedPlanner().load_bytes(None, buf)
+    assert not marker.exists()
 
 
 def test_prompt_longer_than_context(run_dir):
