@@ -227,6 +227,17 @@ def test_cli_process_writes_a_k_quant(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
+def test_cli_eval_gguf_prints_one_line_and_no_llama_cpp_log(files, tmp_path):
+    needs_llama_cpp()
+    from conftest import run_cli
+
+    text = tmp_path / "held_out.txt"
+    text.write_text(held_out_text(), encoding="utf-8")
+    proc = run_cli("eval", "--gguf", files("llama", "q8_0"), "--text", text)
+    assert proc.stderr == ""
+    assert proc.stdout.count("\n") == 1 and "bits per byte" in proc.stdout
+
+
 def test_gguf_eval_user_errors_are_one_line(files, tmp_path):
     needs_llama_cpp()
     text = tmp_path / "t.txt"

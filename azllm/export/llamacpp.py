@@ -53,7 +53,8 @@ def loaded(path: str | Path, *, logits_all: bool = False, threads: int | None = 
     try:
         yield llm
     finally:
-        llm.close()
+        with quiet_llama_cpp():  # freeing the context logs its buffer sizes
+            llm.close()
 
 
 def context_length(llm) -> int:
