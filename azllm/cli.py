@@ -199,6 +199,7 @@ def cmd_sft(args) -> int:
         resume=args.resume,
         val_fraction=args.val_fraction,
         pack=args.pack,
+        epochs=args.epochs,
     )
     _report(last, args.out)
     return 0
@@ -373,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", required=True, help="JSONL files or folders")
     p.add_argument("--out", required=True, help="the new chat run directory")
     p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument(
+        "--epochs",
+        type=float,
+        default=3.0,
+        help="passes over the training rows (default 3); --max-steps overrides it",
+    )
     p.add_argument(
         "--pack",
         action=argparse.BooleanOptionalAction,

@@ -217,3 +217,28 @@ def test_packed_loss_equals_the_loss_of_the_conversations_alone(tok, tokenizer_p
     assert loss_packed.item() == pytest.approx(loss_plain.item(), abs=1e-5)
     trained = y != -1
     assert (mixed[trained] - logits[trained]).abs().max() > 1e-3
+
+
+def test_sft_length_is_set_in_epochs_unless_steps_are_given(tmp_path, tiny_run):
+    import math
+
+    chat = shared_path("data", "az", "chat")
+    model, tok, cfg = load_run(tiny_run)
+    rows = len(
+        ChatBatches(
+            load_conversations([chat]), tok, tiny_run / "tokenizer.json",
+            cfg.model.block_size, seed=cfg.train.seed,
+        ).rows["train"]
+    )  # fmt: skip
+    common = ["--run", tiny_run, "--data", chat, "--precision", "fp32", "--micro-batch", "16"]
+    out = tmp_path / "epochs"
+    printed = run_cli("sft", *common, "--out", out, "--epochs", "0.5").stdout
+    saved = json.loads((out / "config.json").read_text())["train"]
+    assert saved["max_steps"] == math.ceil(0.5 * rows / 16) > 1
+    assert saved["warmup_steps"] <= saved["max_steps"] // 10
+    assert f"0.5 epochs of {rows} rows: {saved['max_steps']} steps" in printed
+    out = tmp_path / "steps"
+    run_cli("sft", *common, "--out", out, "--epochs", "0.5", "--max-steps", "3")
+    assert json.loads((out / "config.json").read_text())["train"]["max_steps"] == 3
+    proc = run_cli("sft", *common, "--out", tmp_path / "x", "--epochs", "0", check=False)
+    assert proc.returncode == 2 and "--epochs 0" in proc.stderr

@@ -7,6 +7,8 @@ row (each attending only to itself) so short dialogues do not train on mostly pa
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
 from azllm.chat.data import ChatBatches, load_conversations
@@ -17,7 +19,6 @@ from azllm.train import train
 
 # Fine-tuning defaults: short, gentle, no weight decay (the base is already regularised).
 SFT_DEFAULTS = {
-    "train.max_steps": 300,
     "train.lr": 3e-4,
     "train.warmup_steps": 20,
     "train.min_lr_ratio": 0.0,
@@ -31,6 +32,15 @@ SFT_DEFAULTS = {
 }
 
 
+def set_length_from_epochs(tc, rows: int, epochs: float, fit_warmup: bool = True) -> None:
+    """max_steps for `epochs` passes over `rows` rows (and warmup at most a tenth of that)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun
+    per_step = tc.global_batch or tc.micro_batch * tc.grad_accum * world
+    tc.max_steps = max(1, math.ceil(epochs * rows / per_step))
+    if fit_warmup:
+        tc.warmup_steps = min(tc.warmup_steps, tc.max_steps // 10)
+
+
 def sft(
     base_run: Path,
     data_paths: list,
@@ -41,7 +51,16 @@ def sft(
     val_fraction: float = 0.1,
     progress: bool = True,
     pack: bool = True,
+    epochs: float = 3.0,
 ) -> dict:
+    """Fine-tune base_run's weights on the dialogues in data_paths into out_run.
+
+    Training length: `epochs` passes over the training rows (packed rows when pack), unless
+    overrides set train.max_steps. Small chat sets overfit quickly, so a count of passes is a
+    better default than a count of steps, which would mean more passes the fewer rows there are.
+    """
+    if epochs <= 0:
+        raise AzllmError(f"--epochs {epochs}: must be positive")
     base_run = Path(base_run)
     weights = base_run / "model.safetensors"
     if not weights.exists():
@@ -72,6 +91,13 @@ def sft(
                 f"packing: {n} rows -> {len(data.rows['train'])} rows of {block} tokens, "
                 f"padding {unpacked:.0%} -> {data.padding_fraction('train'):.0%}"
             )
+    given = overrides or {}
+    if "train.max_steps" not in given:
+        fit_warmup = "train.warmup_steps" not in given
+        set_length_from_epochs(cfg.train, len(data.rows["train"]), epochs, fit_warmup)
+        if progress:
+            rows = len(data.rows["train"])
+            print(f"{epochs:g} epochs of {rows} rows: {cfg.train.max_steps} steps")
     return train(
         cfg, None, out_run, data=data, init_weights=weights, resume=resume, progress=progress
     )
