@@ -70,6 +70,11 @@ def evaluate_text(
     """
     ids = [tok.eos_id] + tok.encode(text)
     nll, n = nll_of_ids(model, ids, batch_size=batch_size, precision=precision)
+    return text_metrics(nll, n, text)
+
+
+def text_metrics(nll: float, n: int, text: str) -> dict:
+    """Total NLL (nats) of n predicted tokens of `text` -> loss, perplexity, bits per byte."""
     n_bytes = len(text.encode("utf-8"))
     loss = nll / n
     return {

@@ -92,56 +92,16 @@ def test_data_dir_without_shards(tmp_path):
 
 
 def test_unknown_config_key_and_bad_values(tmp_path, data_dir):
+    train = ["train", "--data", data_dir, "--out", tmp_path / "r"]
     toml = tmp_path / "c.toml"
     toml.write_text('preset = "tiny"\n[model]\nn_layers = 4\n')
-    fails(
-        "train",
-        "--config",
-        toml,
-        "--data",
-        data_dir,
-        "--out",
-        tmp_path / "r",
-        match="unknown key 'n_layers'",
-    )
+    fails(*train, "--config", toml, match="unknown key 'n_layers'")
     toml.write_text("[train]\nlr = 'fast'\n")
     fails("model", "summary", "--config", toml, match="train.lr")
-    fails(
-        "train",
-        "--config",
-        "huge",
-        "--data",
-        data_dir,
-        "--out",
-        tmp_path / "r",
-        match="neither a preset",
-    )
-    fails(
-        "train",
-        "--config",
-        "tiny",
-        "--data",
-        data_dir,
-        "--out",
-        tmp_path / "r",
-        "--set",
-        "model.n_head=5",
-        match="divisible",
-    )
-    fails(
-        "train",
-        "--config",
-        "tiny",
-        "--data",
-        data_dir,
-        "--out",
-        tmp_path / "r",
-        "--precision",
-        "fp16",
-        "--device",
-        "cpu",
-        match="fp16 needs a CUDA GPU",
-    )
+    fails(*train, "--config", "huge", match="neither a preset")
+    fails(*train, "--config", "tiny", "--set", "model.n_head=5", match="divisible")
+    fails(*train, "--config", "tiny", "--precision", "fp16", "--device", "cpu",
+          match="fp16 needs a CUDA GPU")  # fmt: skip
 
 
 def test_vocab_mismatch(tmp_path, run_dir):

@@ -102,21 +102,11 @@ def evaluate_gguf(
     gguf_path: str | Path, text_path: str | Path, *, threads: int | None = None
 ) -> dict:
     """{"loss", "perplexity", "bpb", "tokens", "bytes"} of the text under the GGUF model."""
-    import math
-
-    from azllm.evaluate import read_text_file
+    from azllm.evaluate import read_text_file, text_metrics
 
     require_llama_cpp("azllm eval --gguf")
     text = read_text_file(Path(text_path))
     with loaded(gguf_path, logits_all=True, threads=threads) as llm:
         ids = [llm.token_eos()] + tokenize(llm, text)
         nll, n = nll_of_ids(llm, ids)
-    n_bytes = len(text.encode("utf-8"))
-    loss = nll / n
-    return {
-        "loss": loss,
-        "perplexity": math.exp(loss),
-        "bpb": nll / math.log(2) / n_bytes,
-        "tokens": n,
-        "bytes": n_bytes,
-    }
+    return text_metrics(nll, n, text)
