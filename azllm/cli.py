@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from azllm.chat.cli import run_flags
 from azllm.errors import AzllmError
 
 # Flags of `azllm train` that override config fields: flag -> "section.field".
@@ -321,13 +322,6 @@ def _overrides(args) -> dict:
     return {k: v for k, v in overrides.items() if v is not None}
 
 
-def _sampling_flags(p: argparse.ArgumentParser, run_required: bool = True) -> None:
-    p.add_argument("--run", required=run_required, help="run directory written by azllm train")
-    p.add_argument("--weights", default="model", choices=["model", "best"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"])
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="azllm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -390,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("generate", help="sample text from a trained run")
-    _sampling_flags(p)
+    run_flags(p, threads=False)
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -403,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte on a text file")
-    _sampling_flags(p, run_required=False)
+    run_flags(p, run_required=False, threads=False)
     p.add_argument("--gguf", help="evaluate a GGUF export with llama.cpp instead of --run")
     p.add_argument("--text", required=True)
     p.add_argument("--batch-size", type=int, default=8)

@@ -8,17 +8,19 @@ import sys
 from azllm.errors import AzllmError
 
 
-def _run_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, help="run directory (azllm train / azllm sft)")
+def run_flags(p: argparse.ArgumentParser, *, run_required: bool = True, threads: bool = True):
+    """The flags of every command that loads a run: chat, serve, generate, eval."""
+    p.add_argument("--run", required=run_required, help="run directory (azllm train / sft)")
     p.add_argument("--weights", default="model", choices=["model", "best"])
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="CPU threads for torch (default: torch's choice; 1 is faster on a busy machine)",
-    )
+    if threads:
+        p.add_argument(
+            "--threads",
+            type=int,
+            default=None,
+            help="CPU threads for torch (default: torch's choice; 1 is faster on a busy machine)",
+        )
 
 
 def _set_threads(args) -> None:
@@ -56,7 +58,7 @@ def cmd_serve(args) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("chat", help="talk to a chat model in the terminal")
-    _run_flags(p)
+    run_flags(p)
     p.add_argument("--system", default="", help="system prompt (change it with /system)")
     p.add_argument(
         "--max-new-tokens",
@@ -73,7 +75,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "serve", help="web chat page + OpenAI-compatible API (/v1/chat/completions, ...)"
     )
-    _run_flags(p)
+    run_flags(p)
     p.add_argument(
         "--host",
         default="127.0.0.1",
