@@ -42,9 +42,10 @@ import numpy as np
 
 from .clean import az_lower
 
-_APOSTROPHES = re.compile("['’ʼ`´‘\u00ad\u200b-\u200d]")
+_APOSTROPHE_CHARS = "'’ʼ`´‘\u00ad\u200b\u200c\u200d"
+_APOSTROPHES = re.compile(f"[{_APOSTROPHE_CHARS}]")
 _NON_WORD = re.compile(r"[\W_]+")
-_NON_WORD_KEEP_NL = re.compile(r"[^\w\n]+|_+")
+_WORD_RUN = re.compile(r"[^\W_]+")
 
 
 def normalize(text: str) -> str:
@@ -53,9 +54,14 @@ def normalize(text: str) -> str:
 
 
 def normalize_lines(text: str) -> list[str]:
-    """`normalize` of every line of `text` (same indices as text.split("\\n")), in one pass."""
-    flat = _NON_WORD_KEEP_NL.sub(" ", _APOSTROPHES.sub("", az_lower(text)))
-    return [" ".join(line.split()) for line in flat.split("\n")]
+    """`normalize` of every line of `text` (same indices as text.split("\\n")).
+
+    The words `normalize` keeps are the runs of word characters other than "_", so they are
+    found directly (one findall per line) instead of replacing every gap between words."""
+    low = az_lower(text)
+    if any(c in low for c in _APOSTROPHE_CHARS):
+        low = _APOSTROPHES.sub("", low)
+    return [" ".join(_WORD_RUN.findall(line)) for line in low.split("\n")]
 
 
 @dataclass
@@ -75,9 +81,8 @@ class Words:
         and the (n+1)-gram keys are built from the n-gram ones with one multiply-add."""
         keys = self._ngrams.get(n)
         if keys is None:
-            if n > 1 and len(self.hashes) >= n:
-                with np.errstate(over="ignore"):
-                    keys = self.ngrams(n - 1)[:-1] * np.uint64(_P) + self.hashes[n - 1 :]
+            if n > 1 and len(self.hashes) >= n:  # (integer arrays wrap without a warning)
+                keys = self.ngrams(n - 1)[:-1] * np.uint64(_P) + self.hashes[n - 1 :]
             else:
                 keys = ngram_keys(self.hashes, n)
             self._ngrams[n] = keys
@@ -116,12 +121,12 @@ def words(norm: str) -> Words:
     starts = np.concatenate(([0], gaps + 1))
     ends = np.concatenate((gaps, [len(b)]))
     pw, inv = _powers(len(b) + 1)
-    with np.errstate(over="ignore"):
-        prefix = np.zeros(len(b) + 1, dtype=np.uint64)
-        np.cumsum((b + np.uint64(1)) * pw[: len(b)], out=prefix[1:])
-        h = (prefix[ends] - prefix[starts]) * inv[starts]
-        h ^= h >> np.uint64(31)
-        h *= np.uint64(0x9E3779B97F4A7C15)
+    # integer arrays wrap modulo 2**64 silently (np.errstate, ~4 µs a call, is not needed)
+    prefix = np.zeros(len(b) + 1, dtype=np.uint64)
+    np.cumsum((b + np.uint64(1)) * pw[: len(b)], out=prefix[1:])
+    h = (prefix[ends] - prefix[starts]) * inv[starts]
+    h ^= h >> np.uint64(31)
+    h *= np.uint64(0x9E3779B97F4A7C15)
     chars = np.zeros(len(b) + 1, dtype=np.int64)
     np.cumsum((b & 0xC0) != 0x80, out=chars[1:])  # UTF-8 lead bytes
     letters = np.zeros(len(b) + 1, dtype=np.int64)
@@ -133,9 +138,8 @@ def ngram_keys(word_hashes: np.ndarray, n: int) -> np.ndarray:
     """A 64-bit key per position of each word n-gram (polynomial hash, wrapping)."""
     m = len(word_hashes) - n + 1
     keys = np.zeros(max(m, 0), dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for j in range(n):
-            keys = keys * np.uint64(_P) + word_hashes[j : m + j]
+    for j in range(n):
+        keys = keys * np.uint64(_P) + word_hashes[j : m + j]
     return keys
 
 
@@ -223,6 +227,20 @@ class HashIndex:
 # --- MinHash ---------------------------------------------------------------------------------
 
 
+_MASK64 = (1 << 64) - 1
+_FMIX32 = (np.uint32(16), np.uint32(0x85EBCA6B), np.uint32(13), np.uint32(0xC2B2AE35))
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finalizer (datasketch's pre-mix in its "affine32" scheme)."""
+    s1, m1, s2, m2 = _FMIX32
+    h = h ^ (h >> s1)
+    h = h * m1
+    h = h ^ (h >> s2)
+    h = h * m2
+    return h ^ (h >> s1)
+
+
 @dataclass
 class MinHasher:
     """MinHash signatures (datasketch) of word n-gram shingles, cut into LSH band keys."""
@@ -235,6 +253,7 @@ class MinHasher:
     rows: int = 0
     _template: object = field(default=None, repr=False)
     _empty: object = field(default=None, repr=False)
+    _perm: tuple | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         from datasketch import MinHash
@@ -246,29 +265,61 @@ class MinHasher:
         # one MinHash reused for every document (copying one costs more than the hashing)
         self._template = MinHash(num_perm=self.num_perm, seed=self.seed, hashfunc=int)
         self._empty = self._template.hashvalues.copy()
+        a, b = self._template.permutations
+        if getattr(self._template, "scheme", None) == "affine32" and a.dtype == np.uint32:
+            # datasketch >= 2: signatures computed here in numpy, the same values as
+            # update_batch (tests check it) without its Python list of every shingle, and only
+            # for the bands * rows permutations the band keys use.
+            n = self.bands * self.rows
+            self._perm = (a[:n].copy(), b[:n].copy())
 
     def shingles(self, w: Words) -> list[int]:
         """32-bit hashes of the distinct word n-grams (the whole text if shorter)."""
+        return np.unique(self._shingles(w)).tolist()
+
+    def _shingles(self, w: Words) -> np.ndarray:
+        """The shingle of every word position (repeats included: a minimum does not mind)."""
         if not len(w):
-            return []
+            return np.empty(0, np.uint32)
         keys = w.ngrams(min(self.ngram, len(w)))
-        keys = keys ^ (keys >> np.uint64(32))
-        return np.unique(keys & np.uint64(0xFFFFFFFF)).tolist()
+        return ((keys ^ (keys >> np.uint64(32))) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+
+    def signature(self, w: Words) -> np.ndarray | None:
+        """The MinHash values (uint64) of the first bands * rows permutations; None if empty."""
+        shingles = self._shingles(w)
+        if not len(shingles):
+            return None
+        n = self.bands * self.rows
+        if self._perm is None:  # older datasketch ("legacy" scheme): its own code
+            m = self._template
+            m.hashvalues = self._empty.copy()
+            m.update_batch(shingles.tolist())
+            return np.asarray(m.hashvalues[:n], dtype=np.uint64)
+        a, b = self._perm
+        hv = _fmix32(shingles)[:, None]
+        buf = np.empty((min(len(hv), 2048), n), dtype=np.uint32)
+        sig = np.full(n, 0xFFFFFFFF, dtype=np.uint32)
+        for i in range(0, len(hv), 2048):  # bounded memory for very long documents
+            part = buf[: len(hv) - i] if len(hv) - i < 2048 else buf
+            np.multiply(hv[i : i + 2048], a, out=part)  # uint32 arithmetic wraps, as theirs
+            np.add(part, b, out=part)
+            np.minimum(sig, part.min(axis=0), out=sig)
+        return sig.astype(np.uint64)
 
     def band_keys(self, w: Words) -> list[int]:
         """LSH band keys of a document given its `words(normalized text)`."""
-        shingles = self.shingles(w)
-        if not shingles:
+        sig = self.signature(w)
+        if sig is None:
             return []
-        m = self._template
-        m.hashvalues = self._empty.copy()
-        m.update_batch(shingles)
-        hv = np.asarray(m.hashvalues[: self.bands * self.rows], dtype=np.uint64)
-        hv = hv.reshape(self.bands, self.rows)
-        key = np.arange(1, self.bands + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-        for j in range(self.rows):
-            key = (key ^ hv[:, j]) * np.uint64(0x100000001B3)
-        return key.view(np.int64).tolist()
+        # Band b's key: k = (b + 1) * golden, then k = (k ^ row) * P for each row, modulo
+        # 2**64, as a signed int64. In Python ints: 117 steps cost less than 26 numpy calls.
+        hv, rows, out = sig.tolist(), self.rows, []
+        for band in range(self.bands):
+            k = (band + 1) * 0x9E3779B97F4A7C15 & _MASK64
+            for h in hv[band * rows : (band + 1) * rows]:
+                k = (k ^ h) * 0x100000001B3 & _MASK64
+            out.append(k - (1 << 64) if k >> 63 else k)
+        return out
 
 
 # --- the deduplicator (runs in the main process, in input order) ----------------------------

@@ -53,6 +53,9 @@ _ELLIPSIS = re.compile(r"(?:\.\.\.|…)\s*$")
 _LETTER = re.compile(r"[^\W\d_]")
 # Symbols: not letters, digits, spaces or the punctuation of running text.
 _SYMBOL = re.compile(r"[^\w\s.,;:!?'\"’‘“”«»„()\[\]\-–—…/%№]|_")
+# Its complement but "_", in runs: deleting those leaves the symbols other than "_" (counting
+# them this way takes a few long matches instead of a test at every character).
+_NOT_SYMBOL_RUNS = re.compile(r"[\w\s.,;:!?'\"’‘“”«»„()\[\]\-–—…/%№]+")
 
 # Boilerplate lines. STRONG: anywhere in a short line. NAV: the whole line is such phrases.
 _STRONG_BOILERPLATE = re.compile(
@@ -215,8 +218,9 @@ def length_reason(text: str, words: Words, cfg: FilterConfig) -> str | None:
     return None
 
 
-def _count(pattern: re.Pattern, text: str) -> int:
-    return pattern.subn("", text)[1]  # counts in C without building a list of matches
+def symbol_count(text: str) -> int:
+    """How many characters of `text` match _SYMBOL."""
+    return len(_NOT_SYMBOL_RUNS.sub("", text)) + text.count("_")
 
 
 def ratio_reason(text: str, cfg: FilterConfig) -> str | None:
@@ -225,7 +229,7 @@ def ratio_reason(text: str, cfg: FilterConfig) -> str | None:
         return "empty"
     if sum(map(text.count, "0123456789")) / chars > cfg.max_digit_ratio:
         return "digit_ratio"
-    if _count(_SYMBOL, text) / chars > cfg.max_symbol_ratio:
+    if symbol_count(text) / chars > cfg.max_symbol_ratio:
         return "symbol_ratio"
     return None
 
@@ -271,14 +275,16 @@ def quality_reason(text: str, words: Words, cfg: FilterConfig) -> str | None:
     lines = [ln for ln in text.split("\n") if ln.strip()]
     if sum(1 for ln in lines if _BULLET.match(ln)) / len(lines) > cfg.max_bullet_lines:
         return "quality:bullet_lines"
-    if sum(1 for ln in lines if _ELLIPSIS.search(ln)) / len(lines) > cfg.max_ellipsis_lines:
+    if ("..." in text or "…" in text) and (
+        sum(1 for ln in lines if _ELLIPSIS.search(ln)) / len(lines) > cfg.max_ellipsis_lines
+    ):
         return "quality:ellipsis_lines"
     if np.count_nonzero(words.alpha) / len(words) < cfg.min_alpha_words:
         return "quality:alpha_words"
     if cfg.min_stop_words > 0:
         stop = _stop_hashes(cfg.stop_words)
         pos = np.minimum(np.searchsorted(stop, words.hashes), len(stop) - 1)
-        found = np.unique(words.hashes[stop[pos] == words.hashes])
+        found = set(words.hashes[stop[pos] == words.hashes].tolist())  # (np.unique: slower)
         if len(found) < cfg.min_stop_words:
             return "quality:stop_words"
     return None
