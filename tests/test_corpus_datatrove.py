@@ -125,7 +125,7 @@ def test_datatrove_path_gives_the_plain_paths_corpus(tmp_path):
 @requires_datatrove
 def test_cli_options_and_errors(tmp_path, capsys):
     from azllm.corpus.datatrove_exec import add_datatrove_arguments, run_build_datatrove
-    from azllm.corpus.pipeline import BuildConfig
+    from azllm.corpus.process import BuildConfig
 
     raw = make_inputs(tmp_path)
     parser = argparse.ArgumentParser()
@@ -156,7 +156,7 @@ def test_cli_options_and_errors(tmp_path, capsys):
 
 def test_merge_without_stage_one_shards_writes_nothing(tmp_path):
     from azllm.corpus.datatrove_exec import merge_dedup_write
-    from azllm.corpus.pipeline import BuildConfig
+    from azllm.corpus.process import BuildConfig
 
     (tmp_path / "work" / "processed").mkdir(parents=True)
     with pytest.raises(AzllmError, match="shards missing"):

@@ -15,7 +15,7 @@ import pytest
 
 from azllm.corpus import filters, langid
 from azllm.corpus.dedup import MinHasher, normalize, normalize_lines, words
-from azllm.corpus.pipeline import (
+from azllm.corpus.process import (
     _WORKER,
     BuildConfig,
     _init_worker,

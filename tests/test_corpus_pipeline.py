@@ -17,7 +17,8 @@ import pytest
 import zstandard
 from conftest import REPO, shared_path
 
-from azllm.corpus.pipeline import BuildConfig, _init_worker, build_corpus, process_document
+from azllm.corpus.pipeline import build_corpus
+from azllm.corpus.process import BuildConfig, _init_worker, process_document
 from azllm.corpus.readers import Document, ReaderOptions, expand_inputs, read_documents
 from azllm.errors import AzllmError
 
@@ -231,17 +232,17 @@ def test_interrupting_a_forced_rebuild_keeps_the_old_corpus(tmp_path):
 
 
 def test_a_document_that_breaks_a_stage_is_counted_not_fatal(tmp_path, monkeypatch):
-    import azllm.corpus.pipeline as pipeline
+    import azllm.corpus.process as process
 
     (tmp_path / "a.txt").write_text("\n\n".join(AZ), encoding="utf-8")
-    real = pipeline.clean_text
+    real = process.clean_text
 
     def flaky(text, **kw):
         if text.startswith("Novruz"):
             raise ValueError("extractor bug")
         return real(text, **kw)
 
-    monkeypatch.setattr(pipeline, "clean_text", flaky)
+    monkeypatch.setattr(process, "clean_text", flaky)
     report = build_corpus([tmp_path / "a.txt"], tmp_path / "out", workers=1, progress=False)
     assert report.removed_docs == {"error:ValueError: extractor bug": 1}
     texts = [r["text"] for split in read_corpus(tmp_path / "out").values() for r in split]

@@ -16,7 +16,7 @@ import zstandard
 from conftest import shared_path
 
 from azllm.corpus.filters import FilterConfig, clean_lines
-from azllm.corpus.pipeline import html_to_text
+from azllm.corpus.process import html_to_text
 from azllm.corpus.readers import ReaderOptions, detect_format, expand_inputs, read_documents
 from azllm.corpus.wiki import strip_wiki_markup, wikitext_to_text
 from azllm.errors import AzllmError

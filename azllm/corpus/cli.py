@@ -15,7 +15,8 @@ import sys
 from dataclasses import replace
 
 from .filters import FilterConfig
-from .pipeline import BuildConfig, build_corpus
+from .pipeline import build_corpus
+from .process import BuildConfig
 from .readers import ReaderOptions
 
 

@@ -4,7 +4,7 @@ For corpora that outgrow one machine. Two datatrove jobs, run by LocalPipelineEx
 by SlurmPipelineExecutor / RayPipelineExecutor on a cluster (WORK must then be a shared folder):
 
 1. process (`tasks` tasks): task r reads input files r, r+tasks, r+2·tasks, … with our readers
-   (`AzllmReader`), runs `pipeline.process_document` on every document (`AzllmProcess`: wikitext
+   (`AzllmReader`), runs `process.process_document` on every document (`AzllmProcess`: wikitext
    and HTML extraction, cleaning, line cleanup, quality filters, language ID, and the dedup keys,
    MinHash signatures included) and writes every result, kept or removed, in input order to
    WORK/processed/{r:05d}.jsonl.zst (`ProcessedWriter`).
@@ -52,17 +52,10 @@ from azllm.atomic import atomic_dir
 from azllm.errors import AzllmError
 
 from .dedup import DedupKeys, Deduplicator, MinHasher
-from .pipeline import (  # the plain path's own stages; _account/_finish: its in-order tail
-    BuildConfig,
-    Processed,
-    SplitWriter,
-    _account,
-    _check_args,
-    _finish,
-    process_document,
-)
+from .pipeline import _account, _check_args, _finish  # the plain path's in-order tail
+from .process import BuildConfig, Processed, process_document  # and its own stages
 from .readers import Document, InputFile, expand_inputs, read_documents
-from .report import Report
+from .report import Report, SplitWriter
 
 try:  # an optional extra: this module imports without it, build_corpus_datatrove says what to do
     from datatrove.data import Document as DTDocument
@@ -122,7 +115,7 @@ def _event_doc(kind: str, source: str, reason: str, fi: int, seq: int) -> DTDocu
 
 
 class AzllmProcess(PipelineStep):
-    """`pipeline.process_document` as a datatrove step: the result rides in metadata."""
+    """`process.process_document` as a datatrove step: the result rides in metadata."""
 
     name = "azllm process_document"
     type = "🔻 - FILTER"
