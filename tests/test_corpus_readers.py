@@ -16,8 +16,9 @@ import zstandard
 from conftest import shared_path
 
 from azllm.corpus.filters import FilterConfig, clean_lines
+from azllm.corpus.formats import detect_format
 from azllm.corpus.process import html_to_text
-from azllm.corpus.readers import ReaderOptions, detect_format, expand_inputs, read_documents
+from azllm.corpus.readers import ReaderOptions, expand_inputs, read_documents
 from azllm.corpus.wiki import strip_wiki_markup, wikitext_to_text
 from azllm.errors import AzllmError
 

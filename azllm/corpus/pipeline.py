@@ -68,7 +68,8 @@ def _run_parallel(docs: Iterable[Document], cfg: BuildConfig, workers: int) -> I
         return
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     ctx = mp.get_context(method)
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg,)) as pool:
+    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(cfg,))
+    try:
         pending: deque = deque()
         for batch in _batches(docs, cfg.batch_bytes):
             pending.append(pool.apply_async(process_batch, (batch,)))
@@ -76,6 +77,12 @@ def _run_parallel(docs: Iterable[Document], cfg: BuildConfig, workers: int) -> I
                 yield from pending.popleft().get()
         while pending:
             yield from pending.popleft().get()
+    finally:
+        # close + join, never terminate: terminate kills workers that may hold the result
+        # queue's lock, and the pool's own clean-up then waits on that lock forever (seen when
+        # a build was stopped). With at most 3 batches per worker in flight this waits ~a second.
+        pool.close()
+        pool.join()
 
 
 # --- the build ------------------------------------------------------------------------------
@@ -122,10 +129,13 @@ _STOP = threading.Event()
 
 
 def _on_signal(signum, frame):
-    # Also leave a flag the loop checks: an exception raised while the interpreter runs an
-    # at-fork hook (a worker being started) is printed and dropped, and the build would go on.
+    # Only a flag, which the loop checks after every document: an exception raised here could
+    # land inside an at-fork hook (while a worker starts), where Python prints it as "Exception
+    # ignored" with a traceback and drops it, and the build would go on to the end.
+    if _STOP.is_set():  # asked twice: stop now, the signal's own way (a temporary folder stays)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
     _STOP.set()
-    raise KeyboardInterrupt() if signum == signal.SIGINT else _Terminated()
 
 
 def _check_stop() -> None:
@@ -186,12 +196,14 @@ def build_corpus(
                 on_bytes=bar.update,
             )
             writer = SplitWriter(tmp, cfg.val_fraction, cfg.zstd_level)
+            results = _run_parallel(docs, cfg, workers)
             try:
-                for p in _run_parallel(docs, cfg, workers):
+                for p in results:
                     _check_stop()
                     _account(p, report, dedup, writer, file_index, members)
                 _check_stop()
             finally:
+                results.close()  # stops the worker pool now, not at interpreter exit (can hang)
                 bar.close()
                 writer.close()
             report.seconds = time.time() - started
