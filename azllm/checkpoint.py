@@ -23,6 +23,7 @@ portable artefact.
 
 from __future__ import annotations
 
+import importlib
 import pickle
 import re
 import shutil
@@ -144,11 +145,19 @@ _METADATA_CLASSES = {
 }
 
 
+def _is_metadata_class(module: str, name: str) -> bool:
+    """A class defined in DCP's metadata module (not a function, nor a module it imports)."""
+    if module != "torch.distributed.checkpoint.metadata" or "." in name:
+        return False
+    obj = getattr(importlib.import_module(module), name, None)
+    return isinstance(obj, type) and obj.__module__ == module
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         allowed = (
             (module, name) in _METADATA_CLASSES
-            or module == "torch.distributed.checkpoint.metadata"
+            or _is_metadata_class(module, name)
             or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
         )
         if not allowed:

@@ -172,10 +172,19 @@ def test_a_checkpoint_from_someone_else_cannot_run_code(tmp_path, run_dir, data_
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     marker = tmp_path / "pwned"
-    (copy / "checkpoints" / "step-4" / ".metadata").write_bytes(pickle.dumps(_Evil(marker)))
-    fails("train", "--config", "tiny", "--data", data_dir, "--out", copy, "--resume",
-          "--max-steps", "8", match="not allowed")  # fmt: skip
-    assert not marker.exists()
+    # os.system reached through a module DCP's metadata legitimately names (it imports os)
+    mod, name = b"torch.distributed.checkpoint.metadata", b"os.system"
+    cmd = f"touch {marker}".encode()
+    via_metadata_module = b"".join([
+        b"\x80\x04", pickle.SHORT_BINUNICODE, bytes([len(mod)]), mod,
+        pickle.SHORT_BINUNICODE, bytes([len(name)]), name, pickle.STACK_GLOBAL,
+        pickle.SHORT_BINUNICODE, bytes([len(cmd)]), cmd, pickle.TUPLE1, pickle.REDUCE, pickle.STOP,
+    ])  # fmt: skip
+    for evil in (pickle.dumps(_Evil(marker)), via_metadata_module):
+        (copy / "checkpoints" / "step-4" / ".metadata").write_bytes(evil)
+        fails("train", "--config", "tiny", "--data", data_dir, "--out", copy, "--resume",
+              "--max-steps", "8", match="not allowed")  # fmt: skip
+        assert not marker.exists()
 
 
 def test_non_tensor_checkpoint_values_are_read_as_data_only(tmp_path):
