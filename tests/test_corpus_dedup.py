@@ -12,7 +12,6 @@ from azllm.corpus.clean import az_upper
 from azllm.corpus.dedup import (
     Deduplicator,
     HashIndex,
-    MinHasher,
     dedup_keys,
     normalize,
     normalize_lines,
@@ -20,6 +19,7 @@ from azllm.corpus.dedup import (
     unpack_ref,
     words,
 )
+from azllm.corpus.minhash import MinHasher
 from azllm.corpus.pipeline import build_corpus
 
 

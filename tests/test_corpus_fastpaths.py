@@ -8,13 +8,16 @@ _SYMBOL regex, one document at a time. These tests hold them to those definition
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from azllm.corpus import filters, langid
-from azllm.corpus.dedup import MinHasher, normalize, normalize_lines, words
+from azllm.corpus.dedup import normalize, normalize_lines, words
+from azllm.corpus.minhash import MinHasher, lsh_params, minhash_permutations
 from azllm.corpus.process import (
     _WORKER,
     BuildConfig,
@@ -24,7 +27,8 @@ from azllm.corpus.process import (
 )
 from azllm.corpus.readers import Document
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
 
 # letters with casing traps (I/İ/ı, Greek final sigma), apostrophes, underscores, digits of other
 # scripts, every kind of Unicode space and line-like separator, punctuation and symbols
@@ -50,6 +54,68 @@ def test_symbol_count_is_the_symbol_regex():
         assert filters.symbol_count(text) == len(filters._SYMBOL.findall(text)), repr(text)
 
 
+def _repetition_reference(text: str, cfg: filters.FilterConfig) -> str | None:
+    """Gopher's repetition rules from their definitions: words as strings, no hashes, no numpy."""
+    for name, units in (("lines", text.split("\n")), ("paragraphs", text.split("\n\n"))):
+        units = [u.strip() for u in units if u.strip()]
+        if name == "paragraphs" and len(units) < 2:
+            continue
+        dup = [u for i, u in enumerate(units) if units.index(u) < i]
+        limits = (cfg.max_dup_lines, cfg.max_dup_line_chars) if name == "lines" else (
+            cfg.max_dup_paragraphs, cfg.max_dup_paragraph_chars)  # fmt: skip
+        if len(dup) / len(units) > limits[0]:
+            return f"repetition:dup_{name}"
+        if sum(map(len, dup)) / max(sum(map(len, units)), 1) > limits[1]:
+            return f"repetition:dup_{name[:-1]}_chars"
+    ws = normalize(text).split()
+    total = max(sum(map(len, ws)), 1)
+    grams = {n: [tuple(ws[i : i + n]) for i in range(len(ws) - n + 1)] for n in range(1, 11)}
+    for n, limit in sorted(cfg.top_ngram.items()):
+        counts = {}
+        for g in grams[n]:
+            counts[g] = counts.get(g, 0) + 1
+        if counts:
+            top = max(counts, key=counts.get)  # the first of the most frequent
+            if counts[top] > 1 and counts[top] * len("".join(top)) / total > limit:
+                return f"repetition:top_{n}gram"
+    for n, limit in sorted(cfg.dup_ngram.items()):
+        first = {g: i for i, g in reversed(list(enumerate(grams[n])))}
+        covered = {j for i, g in enumerate(grams[n]) if first[g] < i for j in range(i, i + n)}
+        if sum(len(ws[j]) for j in covered) / total > limit:
+            return f"repetition:dup_{n}gram"
+    return None
+
+
+def _repetitive_texts(n: int, seed: int) -> list[str]:
+    """Documents from a small vocabulary with repeated lines, refrains and paragraphs."""
+    rng = random.Random(seed)
+    vocab = [f"söz{i}" for i in range(12)] + ["və", "bu", "ki", "uzunsözlərdənbiri"]
+    texts = []
+    for _ in range(n):
+        lines = [" ".join(rng.choices(vocab[: rng.randint(3, 16)], k=rng.randint(1, 9)))
+                 for _ in range(rng.randint(1, 8))]  # fmt: skip
+        for _ in range(rng.randint(0, 4)):
+            lines.insert(rng.randrange(len(lines) + 1), rng.choice(lines))
+        texts.append(rng.choice(["\n", "\n\n", " "]).join(lines))
+    return texts
+
+
+def test_repetition_rules_are_their_definitions():
+    texts = _repetitive_texts(1500, seed=4)
+    if SHARED.exists():
+        for f in sorted((SHARED / "data" / "az" / "pretrain").glob("*.txt"))[:4]:
+            texts += [b[:3000] for b in f.read_text(encoding="utf-8")[:100_000].split("\n\n")]
+    seen = set()
+    for text in texts:
+        for cfg in (filters.FilterConfig(), filters.verse_config(filters.FilterConfig())):
+            got = filters.repetition_reason(text, words(normalize(text)), cfg)
+            assert got == _repetition_reference(text, cfg), repr(text)
+            seen.add(got)
+    # the comparison is not all None: rules of each kind decided
+    expected = {None, "repetition:dup_lines", "repetition:top_2gram", "repetition:dup_5gram"}
+    assert expected <= seen, seen
+
+
 def _band_keys_reference(sig: np.ndarray, bands: int, rows: int) -> list[int]:
     hv = sig.reshape(bands, rows)
     key = np.arange(1, bands + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
@@ -73,6 +139,40 @@ def test_minhash_signature_is_datasketch():
         sig = mh.signature(w)
         assert np.array_equal(sig, np.asarray(ref.hashvalues[:n], dtype=np.uint64)), size
         assert mh.band_keys(w) == _band_keys_reference(sig, mh.bands, mh.rows)
+
+
+def test_lsh_params_are_datasketchs():
+    from datasketch.lsh import _optimal_param  # (scipy's quad: the build does not import it)
+
+    for num_perm in (64, 128, 256):
+        for i in range(10):
+            threshold = 0.5 + 0.05 * i
+            expected = _optimal_param(threshold, num_perm, 0.5, 0.5)
+            assert lsh_params(threshold, num_perm) == expected, (threshold, num_perm)
+
+
+def test_minhash_permutations_are_datasketchs():
+    from datasketch import MinHash
+
+    for num_perm, seed in [(128, 1), (64, 7), (256, 0)]:
+        a, b = MinHash(num_perm=num_perm, seed=seed).permutations
+        ours = minhash_permutations(num_perm, seed)
+        assert ours[0].dtype == a.dtype == np.uint32 and ours[1].dtype == b.dtype
+        assert np.array_equal(ours[0], a) and np.array_equal(ours[1], b)
+
+
+def test_a_build_does_not_import_scipy_or_datasketch(tmp_path):
+    """They cost ~0.5-1.5 s at every start (and in every worker); the build needs neither."""
+    src = tmp_path / "a.txt"
+    src.write_text("Bakı Azərbaycanın paytaxtı və ən böyük şəhəridir, Xəzər sahilindədir.\n")
+    code = (
+        "import sys; from azllm.corpus.pipeline import build_corpus; "
+        f"build_corpus([{str(src)!r}], {str(tmp_path / 'out')!r}, workers=1, progress=False); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'scipy', 'datasketch'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and out.stdout.strip().endswith("[]"), out.stdout + out.stderr
+    assert (tmp_path / "out" / "train.jsonl.zst").exists()
 
 
 def _lid_texts() -> list[str]:

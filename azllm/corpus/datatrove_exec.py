@@ -51,7 +51,8 @@ import zstandard
 from azllm.atomic import atomic_dir
 from azllm.errors import AzllmError
 
-from .dedup import DedupKeys, Deduplicator, MinHasher
+from .dedup import DedupKeys, Deduplicator
+from .minhash import MinHasher
 from .pipeline import _account, _check_args, _finish  # the plain path's in-order tail
 from .process import BuildConfig, Processed, process_document  # and its own stages
 from .readers import Document, InputFile, expand_inputs, read_documents

@@ -13,8 +13,9 @@ over such documents finds almost nothing. So there are three levels:
    lines between removed ones. A document left with less than `min_keep_chars`, or that lost
    `max_dup_line_fraction` of its characters, is dropped whole. Being line-based, this finds
    a poem inside a 5,000-character chunk of a file without blank lines as well as alone;
-3. near documents: MinHash (datasketch, word 5-gram shingles of the normalised text) with
-   LSH banding; any band shared with an earlier kept document marks a near duplicate. For text
+3. near documents: MinHash (minhash.py: datasketch's, computed without importing it; word
+   5-gram shingles of the normalised text) with LSH banding; any band shared with an earlier kept
+   document marks a near duplicate. For text
    files a document is a blank-line block — a poem, a stanza, a paragraph.
 The first occurrence (in input order) is kept, so the output does not depend on worker count.
 
@@ -41,6 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .clean import az_lower
+from .minhash import MinHasher
 
 _APOSTROPHE_CHARS = "'’ʼ`´‘\u00ad\u200b\u200c\u200d"
 _APOSTROPHES = re.compile(f"[{_APOSTROPHE_CHARS}]")
@@ -222,104 +224,6 @@ class HashIndex:
                 break
             pos = np.searchsorted(k1, k2)  # merge two sorted runs in linear time
             self.runs[-2:] = [(np.insert(k1, pos, k2), np.insert(v1, pos, v2))]
-
-
-# --- MinHash ---------------------------------------------------------------------------------
-
-
-_MASK64 = (1 << 64) - 1
-_FMIX32 = (np.uint32(16), np.uint32(0x85EBCA6B), np.uint32(13), np.uint32(0xC2B2AE35))
-
-
-def _fmix32(h: np.ndarray) -> np.ndarray:
-    """MurmurHash3's 32-bit finalizer (datasketch's pre-mix in its "affine32" scheme)."""
-    s1, m1, s2, m2 = _FMIX32
-    h = h ^ (h >> s1)
-    h = h * m1
-    h = h ^ (h >> s2)
-    h = h * m2
-    return h ^ (h >> s1)
-
-
-@dataclass
-class MinHasher:
-    """MinHash signatures (datasketch) of word n-gram shingles, cut into LSH band keys."""
-
-    threshold: float = 0.8
-    num_perm: int = 128
-    ngram: int = 5
-    seed: int = 1
-    bands: int = 0
-    rows: int = 0
-    _template: object = field(default=None, repr=False)
-    _empty: object = field(default=None, repr=False)
-    _perm: tuple | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        from datasketch import MinHash
-        from datasketch.lsh import _optimal_param
-
-        if not self.bands:
-            # the (bands, rows) that minimise false positives + false negatives at threshold
-            self.bands, self.rows = _optimal_param(self.threshold, self.num_perm, 0.5, 0.5)
-        # one MinHash reused for every document (copying one costs more than the hashing)
-        self._template = MinHash(num_perm=self.num_perm, seed=self.seed, hashfunc=int)
-        self._empty = self._template.hashvalues.copy()
-        a, b = self._template.permutations
-        if getattr(self._template, "scheme", None) == "affine32" and a.dtype == np.uint32:
-            # datasketch >= 2: signatures computed here in numpy, the same values as
-            # update_batch (tests check it) without its Python list of every shingle, and only
-            # for the bands * rows permutations the band keys use.
-            n = self.bands * self.rows
-            self._perm = (a[:n].copy(), b[:n].copy())
-
-    def shingles(self, w: Words) -> list[int]:
-        """32-bit hashes of the distinct word n-grams (the whole text if shorter)."""
-        return np.unique(self._shingles(w)).tolist()
-
-    def _shingles(self, w: Words) -> np.ndarray:
-        """The shingle of every word position (repeats included: a minimum does not mind)."""
-        if not len(w):
-            return np.empty(0, np.uint32)
-        keys = w.ngrams(min(self.ngram, len(w)))
-        return ((keys ^ (keys >> np.uint64(32))) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-
-    def signature(self, w: Words) -> np.ndarray | None:
-        """The MinHash values (uint64) of the first bands * rows permutations; None if empty."""
-        shingles = self._shingles(w)
-        if not len(shingles):
-            return None
-        n = self.bands * self.rows
-        if self._perm is None:  # older datasketch ("legacy" scheme): its own code
-            m = self._template
-            m.hashvalues = self._empty.copy()
-            m.update_batch(shingles.tolist())
-            return np.asarray(m.hashvalues[:n], dtype=np.uint64)
-        a, b = self._perm
-        hv = _fmix32(shingles)[:, None]
-        buf = np.empty((min(len(hv), 2048), n), dtype=np.uint32)
-        sig = np.full(n, 0xFFFFFFFF, dtype=np.uint32)
-        for i in range(0, len(hv), 2048):  # bounded memory for very long documents
-            part = buf[: len(hv) - i] if len(hv) - i < 2048 else buf
-            np.multiply(hv[i : i + 2048], a, out=part)  # uint32 arithmetic wraps, as theirs
-            np.add(part, b, out=part)
-            np.minimum(sig, part.min(axis=0), out=sig)
-        return sig.astype(np.uint64)
-
-    def band_keys(self, w: Words) -> list[int]:
-        """LSH band keys of a document given its `words(normalized text)`."""
-        sig = self.signature(w)
-        if sig is None:
-            return []
-        # Band b's key: k = (b + 1) * golden, then k = (k ^ row) * P for each row, modulo
-        # 2**64, as a signed int64. In Python ints: 117 steps cost less than 26 numpy calls.
-        hv, rows, out = sig.tolist(), self.rows, []
-        for band in range(self.bands):
-            k = (band + 1) * 0x9E3779B97F4A7C15 & _MASK64
-            for h in hv[band * rows : (band + 1) * rows]:
-                k = (k ^ h) * 0x100000001B3 & _MASK64
-            out.append(k - (1 << 64) if k >> 63 else k)
-        return out
 
 
 # --- the deduplicator (runs in the main process, in input order) ----------------------------

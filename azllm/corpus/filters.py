@@ -30,6 +30,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from itertools import accumulate
 
 import numpy as np
 
@@ -292,6 +293,8 @@ def quality_reason(text: str, words: Words, cfg: FilterConfig) -> str | None:
 
 def _dup_fraction(units: list[str]) -> tuple[float, float]:
     """Fraction of units that repeat an earlier one, and of their characters."""
+    if len(set(units)) == len(units):
+        return 0.0, 0.0  # nothing repeats (most documents): no loop
     seen: set[str] = set()
     dup = dup_chars = total_chars = 0
     for u in units:
@@ -304,50 +307,53 @@ def _dup_fraction(units: list[str]) -> tuple[float, float]:
     return dup / max(len(units), 1), dup_chars / max(total_chars, 1)
 
 
+@lru_cache(maxsize=64)
+def _salt(n: int) -> np.uint64:
+    return np.uint64(0x9E3779B97F4A7C15 * n % (1 << 64))
+
+
 def repetition_reason(text: str, words: Words, cfg: FilterConfig) -> str | None:
     """Gopher repetition rules: duplicate lines/paragraphs, top n-grams, duplicated n-grams."""
-    lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
+    lines = [ln for ln in map(str.strip, text.split("\n")) if ln]
     frac, char_frac = _dup_fraction(lines)
     if frac > cfg.max_dup_lines:
         return "repetition:dup_lines"
     if char_frac > cfg.max_dup_line_chars:
         return "repetition:dup_line_chars"
-    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    paragraphs = [p for p in map(str.strip, text.split("\n\n")) if p]
     if len(paragraphs) > 1:
         frac, char_frac = _dup_fraction(paragraphs)
         if frac > cfg.max_dup_paragraphs:
             return "repetition:dup_paragraphs"
         if char_frac > cfg.max_dup_paragraph_chars:
             return "repetition:dup_paragraph_chars"
-    ids, lengths = words.hashes, words.lengths
-    total = max(int(lengths.sum()), 1)
-    csum = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=csum[1:])
-    # One np.unique over the n-grams of every n we need (each n salted apart): per-call
-    # overhead, not sorting, is what costs on documents of a few hundred words.
+    lengths = words.lengths.tolist()
+    total = max(sum(lengths), 1)
+    # One np.unique over the n-grams of every n we need (each n salted apart), not one per n:
+    # on documents of a few hundred words its calls cost as much as its (stable) sort.
     first_dup = min(cfg.dup_ngram, default=0)
-    ns = [n for n in sorted(set(cfg.top_ngram) | ({first_dup} - {0})) if len(ids) >= n]
+    ns = [n for n in sorted(set(cfg.top_ngram) | ({first_dup} - {0})) if len(lengths) >= n]
     if not ns:
         return None
-    parts = [words.ngrams(n) ^ np.uint64(0x9E3779B97F4A7C15 * n % (1 << 64)) for n in ns]
+    bounds = [0, *accumulate(len(lengths) - n + 1 for n in ns)]
+    keys = np.empty(bounds[-1], dtype=np.uint64)
+    for n, lo, hi in zip(ns, bounds[:-1], bounds[1:], strict=True):
+        np.bitwise_xor(words.ngrams(n), _salt(n), out=keys[lo:hi])
     _, first, inverse, counts = np.unique(
-        np.concatenate(parts), return_index=True, return_inverse=True, return_counts=True
+        keys, return_index=True, return_inverse=True, return_counts=True
     )
-    offset = 0
-    for n, part in zip(ns, parts, strict=True):
-        seg = slice(offset, offset + len(part))
+    for n, lo, hi in zip(ns, bounds[:-1], bounds[1:], strict=True):
         if n in cfg.top_ngram:
-            seg_counts = counts[inverse[seg]]
-            top = int(np.argmax(seg_counts))  # a position where the most frequent n-gram is
-            chars = csum[top + n] - csum[top]
-            if seg_counts[top] > 1 and seg_counts[top] * chars / total > cfg.top_ngram[n]:
+            seg_counts = counts[inverse[lo:hi]]
+            top = int(seg_counts.argmax())  # a position where the most frequent n-gram is
+            most = int(seg_counts[top])
+            if most > 1 and most * sum(lengths[top : top + n]) / total > cfg.top_ngram[n]:
                 return f"repetition:top_{n}gram"
         if n == first_dup:
-            repeat = first[inverse[seg]] != np.arange(offset, offset + len(part))
+            repeat = first[inverse[lo:hi]] != np.arange(lo, hi)  # seen at an earlier position
             reason = _dup_ngrams(repeat, n, words, total, cfg)
             if reason:
                 return reason
-        offset += len(part)
     return None
 
 

@@ -59,8 +59,8 @@ def _batches(docs: Iterable[Document], max_bytes: int) -> Iterator[list[Document
 
 def _run_parallel(docs: Iterable[Document], cfg: BuildConfig, workers: int) -> Iterator[Processed]:
     """Processed documents in input order; at most 3 batches per worker in flight."""
-    # Set up in the main process first: forked workers then inherit the imports (datasketch
-    # pulls in scipy, ~2 s) and the language model instead of loading them each.
+    # Set up in the main process first: forked workers then inherit the imports and the
+    # language model (lid.176) instead of loading them each.
     _init_worker(cfg, in_child=False)
     if workers <= 1:
         for batch in _batches(docs, cfg.batch_bytes):

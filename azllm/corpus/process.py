@@ -15,7 +15,7 @@ import signal
 from dataclasses import dataclass, field, replace
 
 from .clean import clean_text
-from .dedup import DedupKeys, MinHasher, Words, dedup_keys, normalize_lines, words
+from .dedup import DedupKeys, Words, dedup_keys, normalize_lines, words
 from .filters import (
     AZ_STOP_WORDS,
     FilterConfig,
@@ -24,6 +24,7 @@ from .filters import (
     language_reason,
     length_reason,
 )
+from .minhash import MinHasher
 from .readers import Document, ReaderOptions, describe_error
 from .wiki import wikitext_to_text
 
