@@ -102,46 +102,12 @@ def test_exact_resume_after_a_real_kill(tmp_path, data_dir):
 
 
 def test_two_process_ddp_matches_one_process(tmp_path, data_dir):
-    common = [
-        *TINY,
-        "--data",
-        str(data_dir),
-        "--max-steps",
-        "8",
-        "--eval-interval",
-        "4",
-        "--ckpt-interval",
-        "8",
-    ]
+    common = [*TINY, "--data", data_dir, "--max-steps", "8", "--eval-interval", "4",
+              "--ckpt-interval", "8"]  # fmt: skip
     one = tmp_path / "one"
     run_cli("train", *common, "--out", one, "--micro-batch", "4", "--grad-accum", "2")
     two = tmp_path / "two"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "azllm.cli",
-            "train",
-            *common,
-            "--out",
-            str(two),
-            "--micro-batch",
-            "2",
-            "--grad-accum",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _torchrun(*common, "--out", two, "--micro-batch", "2", "--grad-accum", "2")
     a, b = _losses(one), _losses(two)
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 9))
     for (_, x), (_, y) in zip(a, b, strict=True):
@@ -152,48 +118,20 @@ def test_two_process_ddp_matches_one_process(tmp_path, data_dir):
 
 
 def _torchrun(*args, nproc=2):
+    """`torchrun --standalone --nproc_per_node=N -m azllm.cli train ARGS`, one thread each."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "azllm.cli", "train", *map(str, args)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            "-m",
-            "azllm.cli",
-            "train",
-            *map(str, args),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=REPO,
-    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_fsdp_matches_one_process_and_checkpoints_reshard(tmp_path, data_dir):
     import shutil
 
-    common = [
-        *TINY,
-        "--data",
-        data_dir,
-        "--max-steps",
-        "8",
-        "--eval-interval",
-        "4",
-        "--ckpt-interval",
-        "4",
-        "--keep-last",
-        "2",
-        "--chunked-ce",
-        "50",
-        "--optimizer-state",
-        "bf16",
-    ]
+    common = [*TINY, "--data", data_dir, "--max-steps", "8", "--eval-interval", "4",
+              "--ckpt-interval", "4", "--keep-last", "2", "--chunked-ce", "50",
+              "--optimizer-state", "bf16"]  # fmt: skip
     one = tmp_path / "one"
     run_cli("train", *common, "--out", one, "--micro-batch", "4", "--grad-accum", "2")
     fsdp = tmp_path / "fsdp"
