@@ -119,16 +119,7 @@ def phase(url: str, clients: int, requests: int, max_tokens: int, deadline: floa
 
 
 def start_server(run: str, max_batch: int, threads: int | None) -> tuple[subprocess.Popen, str]:
-    import argparse
-
-    from azllm.cli import build_parser
-
-    commands = next(
-        a.choices for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)
-    )
-    # the main CLI once `serve` is wired into it, else the chat package's own entry point
-    cli = "azllm.cli" if "serve" in commands else "azllm.chat.cli"
-    cmd = [sys.executable, "-m", cli, "serve", "--run", run, "--port", "0"]
+    cmd = [sys.executable, "-m", "azllm.cli", "serve", "--run", run, "--port", "0"]
     cmd += ["--max-batch", str(max_batch)] + (["--threads", str(threads)] if threads else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()

@@ -45,9 +45,8 @@ def make_run(tokenizer_path: Path, out: Path, *, block_size: int = 256, seed: in
 
 
 def chat_cli(*args: str) -> list[str]:
-    """The command line of `azllm ARGS` for the chat commands (azllm/chat/cli.py's own main,
-    so the tests do not depend on azllm/cli.py wiring)."""
-    return [sys.executable, "-m", "azllm.chat.cli", *map(str, args)]
+    """The command line of `azllm ARGS` (chat, serve) as a real process."""
+    return [sys.executable, "-m", "azllm.cli", *map(str, args)]
 
 
 class ServerProcess:

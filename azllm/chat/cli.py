@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from azllm.errors import AzllmError
 
@@ -94,21 +93,3 @@ def register(subparsers) -> None:
         help="the model id clients use (default: the run directory's name)",
     )
     p.set_defaults(func=cmd_serve)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m azllm.chat.cli chat --run RUN`) until azllm/cli.py has it."""
-    parser = argparse.ArgumentParser(prog="azllm")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except AzllmError as e:
-        print(f"azllm: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
