@@ -81,6 +81,7 @@ class TrainConfig:
     grad_accum: int = 4  # micro-batches per optimizer step
     global_batch: int = 0  # sequences per step over all processes; 0: micro_batch*grad_accum*world
     max_steps: int = 2000
+    max_minutes: float = 0.0  # >0: also stop after this much training wall time (one process)
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100
@@ -129,6 +130,8 @@ class TrainConfig:
             raise AzllmError("train.chunked_ce must be 0 (off) or a positive number of tokens")
         if self.lr <= 0:
             raise AzllmError("train.lr must be positive")
+        if self.max_minutes < 0:
+            raise AzllmError("train.max_minutes must be 0 (no time limit) or positive")
         if self.warmup_steps < 0 or self.global_batch < 0:
             raise AzllmError("train.warmup_steps and train.global_batch must not be negative")
 

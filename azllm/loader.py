@@ -1,6 +1,6 @@
 """Prefetching: the next steps' batches are built in a background thread while this step runs.
 
-A batch is a pure function of the step number (shards.TokenBatches, chat.data.ChatBatches), so
+A batch is a pure function of the step number (see azllm.batch), so
 prefetching changes only when a batch is built, never which one: resume and K-process runs stay
 exact. On CUDA the thread also pins the batch in page-locked memory, so the copy to the GPU can
 run asynchronously (non_blocking) while the GPU still works on the previous step.
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
-Batch = Sequence[torch.Tensor]
+from azllm.batch import Batch
 
 
 class Prefetcher:
@@ -43,9 +43,9 @@ class Prefetcher:
     def _work(self, make_batch: Callable[[int], Batch], steps: range) -> None:
         for step in steps:
             try:
-                batch = tuple(make_batch(step))
+                batch = make_batch(step)
                 if self.pin:
-                    batch = tuple(t.pin_memory() for t in batch)
+                    batch = batch.pin_memory()
                 item = (step, batch, None)
             except Exception as e:  # handed to the training thread, which raises it
                 item = (step, None, e)
@@ -58,13 +58,13 @@ class Prefetcher:
             if self._stop.is_set() or item[2] is not None:
                 return
 
-    def get(self, step: int) -> tuple[torch.Tensor, ...]:
+    def get(self, step: int) -> Batch:
         got, batch, error = self._queue.get()
         if error is not None:
             raise error
         if got != step:  # steps are consumed in order; anything else is a bug in the caller
             raise RuntimeError(f"prefetcher: expected the batch of step {step}, got {got}")
-        return tuple(t.to(self.device, non_blocking=self.pin) for t in batch)
+        return batch.to(self.device, non_blocking=self.pin)
 
     def close(self) -> None:
         self._stop.set()

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from azllm.config import Config, ModelConfig
+from azllm.config import OPTIMIZER_STATES, PRECISIONS, Config, ModelConfig
 from azllm.errors import AzllmError
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -41,7 +41,6 @@ FRAGMENTATION = 0.10  # reserved / allocated - 1 of the caching allocator on a t
 # big blocks go back to the OS at once and it was 1.00-1.01x.
 CPU_FRAGMENTATION = 0.5
 CPU_RUNTIME = 330 * MiB  # peak RSS of Python + torch after a tiny training step (measured)
-OPTIMIZER_STATES = ("fp32", "bf16", "8bit")
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps smaller tensors' states in fp32
 BNB_BLOCK = 256  # one fp32 absmax per block of 8-bit state
 
@@ -196,7 +195,7 @@ def _logits(m: ModelConfig, b: int, t: int, half: bool, chunk: int) -> tuple[int
 def is_half(precision: str, device_type: str) -> bool:
     """Whether matmuls run in 16 bits. "auto" on CUDA: bf16 or fp16, the same memory; on a
     CPU it depends on the CPU (plan.resolve_plan_precision asks), taken here as fp32."""
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
+    if precision not in PRECISIONS:
         raise AzllmError(f"precision {precision!r}: use auto, fp32, bf16 or fp16")
     return precision in ("bf16", "fp16") or (precision == "auto" and device_type == "cuda")
 

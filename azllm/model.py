@@ -194,7 +194,14 @@ def chunked_cross_entropy(
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """The model. Training-only memory savers are fixed at construction, never set from outside:
+    activation_checkpointing recomputes each block in backward instead of keeping its
+    activations; ce_chunk > 0 computes the loss over that many tokens at a time (no logits
+    returned), so the full batch x context x vocab logits never exist."""
+
+    def __init__(
+        self, cfg: ModelConfig, *, activation_checkpointing: bool = False, ce_chunk: int = 0
+    ) -> None:
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -215,8 +222,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.gradient_checkpointing = False
-        self.ce_chunk = 0  # set by the trainer: >0 computes the loss in chunks (logits: None)
+        self.activation_checkpointing = activation_checkpointing
+        self.ce_chunk = ce_chunk
         self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module) -> None:
@@ -253,25 +260,7 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence of {offset + t} tokens exceeds the context ({self.cfg.block_size})"
             )
-        mask = None
-        if segments is not None:
-            if cache is not None or real is not None:
-                raise ValueError(
-                    "segments (packed training rows) cannot be combined with cache/real"
-                )
-            pos, mask = _segment_positions_and_mask(segments)
-        elif cache is not None or real is not None:
-            real = real if real is not None else torch.ones_like(idx, dtype=torch.bool)
-            base = cache.next_pos[:, None] if cache is not None else 0
-            pos = (base + real.long().cumsum(1) - 1).clamp(min=0)
-            if cache is not None:
-                cache.valid[:, offset : offset + t] = real
-                mask = _attention_mask(cache.valid[:, : offset + t], offset, t)
-            else:
-                mask = _attention_mask(real, 0, t)
-        else:
-            pos = torch.arange(t, device=idx.device)[None].expand(b, t)
-
+        pos, mask = self._positions_and_mask(idx, cache, real, segments)
         x = self.embed(idx)
         rope = None
         if self.cfg.arch == "gpt2":
@@ -280,25 +269,61 @@ class GPT(nn.Module):
             rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            if self.gradient_checkpointing and self.training:
+            if self.activation_checkpointing and self.training:
                 x = checkpoint(block, x, rope, i, cache, mask, use_reentrant=False)
             else:
                 x = block(x, rope, i, cache, mask)
         x = self.norm(x)
         if cache is not None:
             cache.len += t
-            cache.next_pos += real.long().sum(1)
+            cache.next_pos += real.long().sum(1) if real is not None else t
         if last_only:
             x = x[:, -1:]
         if targets is not None and self.ce_chunk:
-            return None, chunked_cross_entropy(x, self.lm_head.weight, targets, self.ce_chunk)
+            return None, self.loss(x, targets)
         logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
-            )
-        return logits, loss
+        return logits, (self.loss(x, targets, logits) if targets is not None else None)
+
+    def loss(
+        self, x: torch.Tensor, targets: torch.Tensor, logits: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean next-token cross-entropy of final hidden states x [B, T, C] (targets -1: none).
+
+        In fp32 whatever the autocast dtype; in chunks when ce_chunk is set (logits ignored)."""
+        if self.ce_chunk:
+            return chunked_cross_entropy(x, self.lm_head.weight, targets, self.ce_chunk)
+        logits = self.lm_head(x) if logits is None else logits
+        return F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
+        )
+
+    def _positions_and_mask(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None,
+        real: torch.Tensor | None,
+        segments: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each token's position [B, T] and the attention mask (None: plain causal).
+
+        Three cases: packed training rows (segments), generation (cache and/or left padding
+        `real`; marks the new slots valid in the cache), or plain training/eval rows."""
+        b, t = idx.shape
+        if segments is not None:
+            if cache is not None or real is not None:
+                raise ValueError(
+                    "segments (packed training rows) cannot be combined with cache/real"
+                )
+            return _segment_positions_and_mask(segments)
+        if cache is None and real is None:
+            return torch.arange(t, device=idx.device)[None].expand(b, t), None
+        real = real if real is not None else torch.ones_like(idx, dtype=torch.bool)
+        base = cache.next_pos[:, None] if cache is not None else 0
+        pos = (base + real.long().cumsum(1) - 1).clamp(min=0)
+        if cache is None:
+            return pos, _attention_mask(real, 0, t)
+        cache.valid[:, cache.len : cache.len + t] = real
+        return pos, _attention_mask(cache.valid[:, : cache.len + t], cache.len, t)
 
     # ---- bookkeeping -------------------------------------------------------------------------
 

@@ -1,10 +1,13 @@
-"""Optimizers: AdamW with its two moment estimates in fp32 (torch's), bf16, or 8-bit.
+"""Optimizers and the learning-rate schedule.
 
-Optimizer state is 8 bytes per parameter in fp32, the largest single item when training a 100M
-model in 4 GB; bf16 states halve it, 8-bit (bitsandbytes, CUDA) quarters it.
+AdamW with its two moment estimates in fp32 (torch's), bf16, or 8-bit: optimizer state is 8
+bytes per parameter in fp32, the largest single item when training a 100M model in 4 GB; bf16
+states halve it, 8-bit (bitsandbytes, CUDA) quarters it.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -69,3 +72,32 @@ def make_adamw(groups, *, lr: float, betas, state: str, device: torch.device):
     if device.type != "cuda":
         raise AzllmError("train.optimizer_state = '8bit' needs a CUDA GPU; on a CPU use 'bf16'")
     return bnb.optim.AdamW8bit(groups, lr=lr, betas=betas)
+
+
+def make_optimizer(model: torch.nn.Module, tc, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer of a TrainConfig, with its parameter groups."""
+    # Matrices decay; biases and norm gains do not (decaying them only hurts).
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": tc.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return make_adamw(
+        groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), state=tc.optimizer_state, device=device
+    )
+
+
+def lr_at(step: int, tc, elapsed_s: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio (step counts from 1).
+
+    Progress through the decay is the larger of step / max_steps and, when the run has a time
+    budget (train.max_minutes), elapsed time / budget: the schedule ends when the clock does.
+    """
+    if step <= tc.warmup_steps:
+        return tc.lr * step / max(tc.warmup_steps, 1)
+    progress = (step - tc.warmup_steps) / max(tc.max_steps - tc.warmup_steps, 1)
+    if tc.max_minutes > 0:
+        progress = max(progress, elapsed_s / (60 * tc.max_minutes))
+    floor = tc.lr * tc.min_lr_ratio
+    return floor + 0.5 * (tc.lr - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))

@@ -13,7 +13,6 @@ run, or a run on K processes, sees exactly the sequences an uninterrupted single
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,16 +21,12 @@ import numpy as np
 import torch
 
 from azllm.atomic import atomic_dir, atomic_write_text
-from azllm.documents import expand_inputs, iter_documents, split_hint
+from azllm.batch import Batch, in_val, step_generator
+from azllm.documents import iter_documents, split_hint, text_files
 from azllm.errors import AzllmError
 from azllm.tokenizer import AzTokenizer
 
 SHARD_FORMAT = "azllm-shards/1"
-
-
-def is_val(text: str, val_fraction: float) -> bool:
-    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
-    return (h / 2**64) < val_fraction
 
 
 class _ShardWriter:
@@ -70,7 +65,7 @@ def _encode_into(
 ) -> None:
     """Encode a batch of documents (Rust threads over all cores) and append each to its split."""
     for text, ids in zip(batch, tok.encode_batch(batch), strict=True):
-        split = hint or ("val" if is_val(text, val_fraction) else "train")
+        split = hint or ("val" if in_val(text.encode("utf-8"), val_fraction) else "train")
         writers[split].add(ids + [tok.eos_id], len(text.encode("utf-8")))
     batch.clear()
 
@@ -92,7 +87,7 @@ def tokenize_to_shards(
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise AzllmError(f"{out_dir}: output folder is not empty; pass --force to replace it")
-    files = expand_inputs(inputs)
+    files = text_files(inputs)
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 65536 else np.uint32)
 
     from tqdm import tqdm
@@ -161,13 +156,14 @@ class _Shard:
 class TokenBatches:
     """Random windows of block_size+1 tokens, addressed by (split, key) instead of by state.
 
-    `global_batch(split, key, n)` returns the same n windows for the same key on any machine and
-    any number of processes; each process then takes its own rows. Training uses key=step, so
-    resuming needs no loader state beyond the step number.
+    A `batch.BatchSource`. `global_batch(split, key, n)` returns the same n windows for the same
+    key on any machine and any number of processes; each process then takes its own rows.
+    Training uses key=step, so resuming needs no loader state beyond the step number.
     """
 
     def __init__(self, data_dir: Path, block_size: int, seed: int) -> None:
         self.dir = Path(data_dir)
+        self.label = str(self.dir)
         self.meta = read_meta(self.dir)
         self.block_size, self.seed = block_size, seed
         self.splits: dict[str, list[_Shard]] = {}
@@ -194,12 +190,10 @@ class TokenBatches:
     def has_split(self, split: str) -> bool:
         return bool(self.splits.get(split))
 
-    def batch(
-        self, split: str, key: int, n: int, rows: slice | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, next-token targets), each [rows, block_size]: the trainer's interface."""
+    def batch(self, split: str, key: int, n: int, rows: slice | None = None) -> Batch:
+        """Inputs and next-token targets, each [rows, block_size]."""
         b = self.global_batch(split, key, n, rows)
-        return b[:, :-1], b[:, 1:]
+        return Batch(b[:, :-1], b[:, 1:])
 
     def tokens(self, split: str) -> int:
         return self.meta["splits"][split]["tokens"]
@@ -217,8 +211,7 @@ class TokenBatches:
                 f"{self.dir}: the {split} split has {have} tokens, fewer than the context "
                 f"({self.block_size}) + 1; add data, raise --val-fraction or lower block_size"
             )
-        digest = hashlib.blake2b(f"{self.seed}/{split}/{key}".encode(), digest_size=8).digest()
-        g = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        g = step_generator(self.seed, split, key)
         bounds = np.cumsum([0] + [s.starts for s in shards])
         picks = torch.randint(0, int(bounds[-1]), (n,), generator=g).numpy()
         picks = picks[rows] if rows is not None else picks

@@ -4,8 +4,8 @@
     torchrun --nproc_per_node=4 -m azllm.cli train ...          # DDP, same arguments
 
 Read top to bottom: set up processes and device -> data -> model/optimizer -> (resume) -> loop of
-{lr, accumulate gradients over micro-batches, clip, step, log, eval, checkpoint}.
-Every step's batch is a function of the step number (see shards.TokenBatches), so a resumed run
+{the training step (step.TrainStep), log, eval, checkpoint}.
+Every step's batch is a function of the step number (see azllm.batch), so a resumed run
 continues exactly where the killed one was, and K processes see the same global batch as one.
 """
 
@@ -16,7 +16,6 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from azllm.atomic import atomic_write_text
+from azllm.batch import BatchSource
 from azllm.checkpoint import (
     checkpoint_dirs,
     load_checkpoint,
@@ -36,6 +36,7 @@ from azllm.config import Config, load_run_config
 from azllm.device import (
     DTYPES,
     autocast,
+    datasheet_peak,
     measure_matmul_peak,
     resolve_device,
     resolve_precision,
@@ -44,8 +45,9 @@ from azllm.errors import AzllmError
 from azllm.loader import Prefetcher
 from azllm.metrics import MetricsLog, plot_loss
 from azllm.model import GPT
-from azllm.optim import make_adamw
-from azllm.shards import TokenBatches, read_meta
+from azllm.optim import lr_at, make_optimizer
+from azllm.shards import TokenBatches
+from azllm.step import TrainStep
 from azllm.tokenizer import load_tokenizer
 
 
@@ -73,15 +75,6 @@ def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
     return d, device
 
 
-def lr_at(step: int, cfg) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps (step counts from 1)."""
-    if step <= cfg.warmup_steps:
-        return cfg.lr * step / max(cfg.warmup_steps, 1)
-    progress = (step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def use_compile(setting: str, device: torch.device, fsdp: bool) -> bool:
     """torch.compile: "on", "off", or "auto" = on where it pays.
 
@@ -98,19 +91,6 @@ def use_compile(setting: str, device: torch.device, fsdp: bool) -> bool:
     return device.type == "cuda" and not fsdp and importlib.util.find_spec("triton") is not None
 
 
-def make_optimizer(model: GPT, cfg, device: torch.device) -> torch.optim.Optimizer:
-    # Matrices decay; biases and norm gains do not (decaying them only hurts).
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return make_adamw(
-        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), state=cfg.optimizer_state, device=device
-    )
-
-
 def shard_fsdp(model: GPT, precision: str) -> None:
     """FSDP2: each block its own shard group, then the root (embeddings, final norm, head)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -123,7 +103,25 @@ def shard_fsdp(model: GPT, precision: str) -> None:
     fully_shard(model, mp_policy=mp)
 
 
-def prepare_run(cfg: Config, meta: dict, data_dir: Path, run_dir: Path, resume: bool) -> Config:
+def wrap_model(model: GPT, *, compile_on: bool, ddp: bool) -> torch.nn.Module:
+    """What the training step calls: the model compiled and/or under DDP (after the optimizer
+    was made on the plain parameters)."""
+    if compile_on:
+        model = torch.compile(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        device = next(model.parameters()).device
+        # Gradients live in DDP's all-reduce buckets: no second copy of them.
+        model = DDP(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            gradient_as_bucket_view=True,
+        )
+    return model
+
+
+def prepare_run(cfg: Config, meta: dict, label: str, run_dir: Path, resume: bool) -> Config:
     """Take the vocab from the data, check it against an existing run, return the final config."""
     if resume:
         saved = load_run_config(run_dir)
@@ -136,7 +134,7 @@ def prepare_run(cfg: Config, meta: dict, data_dir: Path, run_dir: Path, resume: 
         run_tok = load_tokenizer(run_dir / "tokenizer.json")
         if run_tok.sha256() != meta["tokenizer_sha256"]:
             raise AzllmError(
-                f"{data_dir}: tokenized with a different tokenizer than the run "
+                f"{label}: tokenized with a different tokenizer than the run "
                 f"{run_dir} (vocab {meta['vocab_size']} vs {run_tok.vocab_size}); "
                 "re-tokenize with the run's tokenizer.json"
             )
@@ -150,22 +148,57 @@ def prepare_run(cfg: Config, meta: dict, data_dir: Path, run_dir: Path, resume: 
     return cfg
 
 
+def open_source(data: BatchSource | str | Path, cfg: Config) -> BatchSource:
+    """A batch source as given, or the token shards in a data folder."""
+    if isinstance(data, str | Path):
+        return TokenBatches(Path(data), cfg.model.block_size, cfg.train.seed)
+    return data
+
+
+class _Clock:
+    """Training time: wall time minus the pauses for evaluation and checkpoints, so tokens/s and
+    MFU measure training alone; `since_start` (pauses included) is what a time budget counts."""
+
+    def __init__(self) -> None:
+        self.start = self.mark = time.perf_counter()
+        self.paused = 0.0
+
+    def since_start(self) -> float:
+        return time.perf_counter() - self.start
+
+    def pause(self):
+        clock = self
+
+        class _Pause:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                clock.paused += time.perf_counter() - self.t0
+
+        return _Pause()
+
+    def lap(self) -> float:
+        """Training seconds since the last lap."""
+        now = time.perf_counter()
+        dt = now - self.mark - self.paused
+        self.mark, self.paused = now, 0.0
+        return dt
+
+
 def train(
     cfg: Config,
-    data_dir: Path | None,
+    data: BatchSource | str | Path,
     run_dir: Path,
     *,
     resume: bool = False,
     progress: bool = True,
-    data=None,
     init_weights: Path | None = None,
 ) -> dict:
-    """Train (or resume) and return the last logged metrics.
+    """Train (or resume) on `data` and return the last logged metrics.
 
-    Pretraining reads token shards from data_dir. Other sources (chat fine-tuning) pass `data`:
-    any object with .meta (tokenizer_sha256, vocab_size), .dir, .tokenizer_path, .has_split(),
-    .bytes_per_token(split) and .batch(split, key, n, rows) -> (inputs, targets with -1 where no
-    loss is taken). init_weights starts a new run from another run's weights.
+    data: a batch.BatchSource (chat data, ...), or a folder of token shards. init_weights starts
+    a new run from another run's weights.
     """
     cfg.validate()
     tc = cfg.train
@@ -174,8 +207,13 @@ def train(
     run_dir = Path(run_dir)
     if resume and not checkpoint_dirs(run_dir):
         raise AzllmError(f"{run_dir}: no checkpoint to resume from")
-    meta = data.meta if data is not None else read_meta(data_dir)
-    cfg = prepare_run(cfg, meta, data.dir if data is not None else Path(data_dir), run_dir, resume)
+    if tc.max_minutes and d.world > 1:
+        raise AzllmError(
+            "train.max_minutes: a time budget is for one process (each process's clock would "
+            "stop it at a different step); use train.max_steps under torchrun"
+        )
+    data = open_source(data, cfg)
+    cfg = prepare_run(cfg, data.meta, data.label, run_dir, resume)
 
     # Global batch: sequences per optimizer step over all processes.
     if tc.global_batch:
@@ -190,21 +228,21 @@ def train(
     tokens_per_step = global_batch * cfg.model.block_size
 
     torch.manual_seed(tc.seed)
-    if data is None:
-        data = TokenBatches(data_dir, cfg.model.block_size, tc.seed)
     if d.master:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
         load_tokenizer(data.tokenizer_path).save(run_dir / "tokenizer.json")
 
-    model = GPT(cfg.model).to(device)
-    model.gradient_checkpointing = tc.activation_checkpointing
-    model.ce_chunk = tc.chunked_ce
+    model = GPT(
+        cfg.model,
+        activation_checkpointing=tc.activation_checkpointing,
+        ce_chunk=tc.chunked_ce,
+    ).to(device)
     fsdp = d.world > 1 and tc.strategy == "fsdp"
     if fsdp:  # before the optimizer: it must see the sharded parameters
         shard_fsdp(model, precision)
     optimizer = make_optimizer(model, tc, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     start, best_val = 0, float("inf")
     if init_weights is not None and not resume:
         load_weights(model, init_weights)
@@ -217,25 +255,24 @@ def train(
                 "raise --max-steps to train further"
             )
     flops_per_step = unwrap(model).flops_per_token() * tokens_per_step
-    peak = measure_matmul_peak(device, precision)
-    if use_compile(tc.compile, device, fsdp):
-        if tc.compile == "auto":  # chosen for the user: a compiler failure falls back to eager
-            torch._dynamo.config.suppress_errors = True
-        model = torch.compile(model)
-    if d.world > 1 and not fsdp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        # Gradients live in DDP's all-reduce buckets: no second copy of them.
-        model = DDP(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            gradient_as_bucket_view=True,
-        )
+    measured_peak = measure_matmul_peak(device, precision)
+    vendor_peak = datasheet_peak(device, precision)
+    compile_fallback = use_compile(tc.compile, device, fsdp) and tc.compile == "auto"
+    model = wrap_model(
+        model, compile_on=use_compile(tc.compile, device, fsdp), ddp=d.world > 1 and not fsdp
+    )
     # FSDP's mixed-precision policy casts parameters itself; autocast is for the other paths.
     amp_precision = "fp32" if fsdp else precision
-
-    def amp():
-        return autocast(device, amp_precision)
+    step_fn = TrainStep(
+        model,  # as wrapped (compiled, DDP): the step calls what training must call
+        optimizer,
+        micro_batch=tc.micro_batch,
+        grad_accum=tc.grad_accum,
+        grad_clip=tc.grad_clip,
+        device=device,
+        precision=amp_precision,
+        scaler=scaler,
+    )
 
     log = MetricsLog(run_dir, resume_step=start) if d.master else None
     # A progress bar on a terminal; on a pipe or in CI (no TTY) plain lines at each evaluation.
@@ -252,119 +289,117 @@ def train(
     say(
         f"model {unwrap(model).num_params() / 1e6:.1f}M params | {precision} on {device} "
         f"x{d.world} | batch {global_batch}x{cfg.model.block_size} tokens"
+        + (f" | stops after {tc.max_minutes:g} min" if tc.max_minutes else "")
     )
     per_rank = tc.micro_batch * tc.grad_accum
     rows = slice(d.rank * per_rank, (d.rank + 1) * per_rank)
     bpt = data.bytes_per_token("val")
     has_val = data.has_split("val")
     if d.master and not has_val:
-        print(f"note: {data.dir} has no validation data; validation loss is skipped")
+        print(f"note: {data.label} has no validation data; validation loss is skipped")
 
     def evaluate() -> float:
         model.eval()
         total = torch.zeros((), device=device)
+        mine = slice(d.rank * tc.micro_batch, (d.rank + 1) * tc.micro_batch)
         with torch.no_grad():
             for i in range(tc.eval_batches):
-                mine = slice(d.rank * tc.micro_batch, (d.rank + 1) * tc.micro_batch)
-                x, y, *seg = (
-                    t.to(device) for t in data.batch("val", i, tc.micro_batch * d.world, mine)
-                )
-                with amp():
-                    loss = model(x, y, segments=seg[0] if seg else None)[1]
-                total += loss.float()
+                b = data.batch("val", i, tc.micro_batch * d.world, mine).to(device)
+                with autocast(device, amp_precision):
+                    total += model(b.inputs, b.targets, segments=b.segments)[1].float()
         if d.world > 1:
             dist.all_reduce(total, op=dist.ReduceOp.AVG)
         model.train()
         return total.item() / tc.eval_batches
 
     last: dict = {}
+    # The batch of step s is batch s-1 of the source (its rows k*n.. for k = 0, 1, ...).
     batches = Prefetcher(
-        lambda step: data.batch("train", step, global_batch, rows),
+        lambda step: data.batch("train", step - 1, global_batch, rows),
         range(start + 1, tc.max_steps + 1),
         device,
     )
     loss_sum = torch.zeros((), device=device)
-    t_log, steps_since_log = time.perf_counter(), 0
+    steps_since_log = 0
+    clock = _Clock()
     model.train()
     step = start
+    suppress = torch._dynamo.config.suppress_errors
     try:
+        if compile_fallback:  # chosen for the user: a compiler failure falls back to eager
+            torch._dynamo.config.suppress_errors = True
         for step in range(start + 1, tc.max_steps + 1):
-            lr = lr_at(step, tc)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            xs, ys, *seg = batches.get(step)  # seg: [segment ids] for packed rows, else []
-            for micro in range(tc.grad_accum):
-                part = slice(micro * tc.micro_batch, (micro + 1) * tc.micro_batch)
-                # Under DDP/FSDP, reduce gradients only on the last micro-batch.
-                last_micro = micro == tc.grad_accum - 1
-                sync_ctx = nullcontext()
-                if fsdp:
-                    model.set_requires_gradient_sync(last_micro)
-                elif d.world > 1 and not last_micro:
-                    sync_ctx = model.no_sync()
-                with sync_ctx, amp():
-                    # Only the loss is kept: holding the returned logits would keep B*T*V
-                    # numbers alive through backward for nothing.
-                    loss = model(xs[part], ys[part], segments=seg[0][part] if seg else None)[1]
-                    loss = loss / tc.grad_accum
-                scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            out_of_time = bool(tc.max_minutes) and clock.since_start() >= 60 * tc.max_minutes
+            final = step == tc.max_steps or out_of_time
+            lr = lr_at(step, tc, clock.since_start())
+            loss, grad_norm = step_fn(batches.get(step), lr)
+            loss_sum += loss
             steps_since_log += 1
 
-            if step % tc.log_interval == 0 or step == tc.max_steps:
+            if step % tc.log_interval == 0 or final:
                 # The only host-device sync of the step, every log_interval steps.
                 if d.world > 1:
                     dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
                 train_loss = loss_sum.item() / steps_since_log
                 gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                dt = time.perf_counter() - t_log
-                tok_s = tokens_per_step * steps_since_log / dt
-                mfu = flops_per_step * steps_since_log / dt / (peak * d.world)
+                dt = clock.lap()  # training time only: evaluation and checkpoints excluded
+                flops_s = flops_per_step * steps_since_log / dt
                 last = {
                     "step": step,
                     "loss": train_loss,
                     "lr": lr,
                     "grad_norm": float(gn),
                     "tokens": step * tokens_per_step,
-                    "tok_per_s": tok_s,
-                    "mfu": mfu,
+                    "tok_per_s": tokens_per_step * steps_since_log / dt,
+                    # MFU against the matmul peak measured on this machine at start ...
+                    "mfu_vs_measured_peak": flops_s / (measured_peak * d.world),
                 }
+                if vendor_peak:  # ... and, on a listed GPU, against the datasheet peak
+                    last["mfu_vs_datasheet_peak"] = flops_s / (vendor_peak * d.world)
                 if log:
                     log.write(**last)
                 if not bar.disable:
                     bar.set_postfix(
-                        loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * mfu:.0f}%"
+                        loss=f"{train_loss:.3f}",
+                        tok_s=f"{last['tok_per_s']:,.0f}",
+                        mfu_meas=f"{100 * last['mfu_vs_measured_peak']:.0f}%",
                     )
                 loss_sum.zero_()
-                t_log, steps_since_log = time.perf_counter(), 0
+                steps_since_log = 0
 
-            if has_val and (step % tc.eval_interval == 0 or step == tc.max_steps):
-                val = evaluate()
-                last.update(val_loss=val, val_bpb=val / math.log(2) / bpt)
-                if val < best_val:  # the same on every process (val is all-reduced)
-                    best_val = val
-                    save_weights(model, run_dir / "best.safetensors", write=d.master)
-                if d.master:
-                    log.write(step=step, val_loss=val, val_bpb=last["val_bpb"])
-                    plot_loss(run_dir)
-                    say(
-                        f"step {step}: train loss {last['loss']:.4f}, val loss {val:.4f}, "
-                        f"{last['val_bpb']:.3f} bpb, {last['tok_per_s']:,.0f} tok/s"
+            if has_val and (step % tc.eval_interval == 0 or final):
+                with clock.pause():
+                    val = evaluate()
+                    bpb = val / math.log(2) / bpt
+                    last.update(val_loss=val, val_bpb=bpb)
+                    if val < best_val:  # the same on every process (val is all-reduced)
+                        best_val = val
+                        save_weights(model, run_dir / "best.safetensors", write=d.master)
+                    if d.master:
+                        log.write(step=step, val_loss=val, val_bpb=bpb)
+                        plot_loss(run_dir)
+                        trained = f"train loss {last['loss']:.4f}, " if "loss" in last else ""
+                        speed = f", {last['tok_per_s']:,.0f} tok/s" if "tok_per_s" in last else ""
+                        say(f"step {step}: {trained}val loss {val:.4f}, {bpb:.3f} bpb{speed}")
+
+            if step % tc.ckpt_interval == 0 or final:
+                with clock.pause():
+                    save_checkpoint(
+                        run_dir,
+                        step,
+                        model,
+                        optimizer,
+                        scaler,
+                        best_val,
+                        tc.keep_last,
+                        d.master,
                     )
-                t_log = time.perf_counter()  # keep eval time out of tokens/s
-
-            if step % tc.ckpt_interval == 0 or step == tc.max_steps:
-                save_checkpoint(
-                    run_dir, step, model, optimizer, scaler, best_val, tc.keep_last, d.master
-                )
-                if d.world > 1:
-                    dist.barrier()
+                    if d.world > 1:
+                        dist.barrier()
             bar.update(1)
+            if out_of_time:
+                say(f"time budget of {tc.max_minutes:g} min reached at step {step}")
+                break
     except KeyboardInterrupt:
         # Steps after the last checkpoint are redone on --resume; the files on disk stay whole.
         say(
@@ -373,6 +408,7 @@ def train(
         )
         raise
     finally:
+        torch._dynamo.config.suppress_errors = suppress
         batches.close()
         bar.close()
         if log:

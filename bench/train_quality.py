@@ -32,13 +32,15 @@ import torch
 
 from azllm.checkpoint import load_run
 from azllm.config import Config, config_from_dict
-from azllm.device import autocast, resolve_device, resolve_precision
+from azllm.device import resolve_device, resolve_precision
 from azllm.documents import iter_all_documents
 from azllm.evaluate import nll_of_ids
 from azllm.model import GPT
+from azllm.optim import lr_at, make_optimizer
 from azllm.shards import TokenBatches, tokenize_to_shards
+from azllm.step import TrainStep
 from azllm.tokenizer import AzTokenizer, train_tokenizer
-from azllm.train import lr_at, make_optimizer, train
+from azllm.train import train
 
 
 def make_configs(args, vocab_size: int) -> dict[str, Config]:
@@ -71,28 +73,29 @@ def make_configs(args, vocab_size: int) -> dict[str, Config]:
 
 def seconds_per_step(cfgs: dict[str, Config], data: TokenBatches, steps: int) -> dict:
     """Wall time of `steps` training steps per arch, the archs taking turns step by step so that
-    a neighbour's load on a shared machine falls on both alike. Same step code as train.py."""
-    state = {}
+    a neighbour's load on a shared machine falls on both alike. The step is train.py's own."""
+    steppers = {}
     for arch, cfg in cfgs.items():
         device = resolve_device(cfg.train.device)
         torch.manual_seed(cfg.train.seed)
         model = GPT(cfg.model).to(device).train()
-        precision = resolve_precision(cfg.train.precision, device)
-        state[arch] = (model, make_optimizer(model, cfg.train, device), device, precision)
+        tc = cfg.train
+        steppers[arch] = TrainStep(
+            model,
+            make_optimizer(model, tc, device),
+            micro_batch=tc.micro_batch,
+            grad_accum=1,
+            grad_clip=tc.grad_clip,
+            device=device,
+            precision=resolve_precision(tc.precision, device),
+        )
     times: dict[str, list[float]] = {arch: [] for arch in cfgs}
     for step in range(1, steps + 2):  # step 1 is warm-up, not timed
-        for arch, (model, optimizer, device, precision) in state.items():
+        for arch, train_step in steppers.items():
             tc = cfgs[arch].train
             t0 = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, tc)
-            batch = data.global_batch("train", step, tc.micro_batch).to(device)
-            with autocast(device, precision):
-                _, loss = model(batch[:, :-1], batch[:, 1:])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            batch = data.batch("train", step, tc.micro_batch).to(train_step.device)
+            loss, _ = train_step(batch, lr_at(step, tc))
             loss.item()  # waits for the device
             if step > 1:
                 times[arch].append(time.perf_counter() - t0)

@@ -54,10 +54,13 @@ import torch
 import torch.distributed as dist
 
 from azllm.atomic import atomic_write_text
+from azllm.batch import Batch
 from azllm.config import PRESETS, load_config
-from azllm.device import autocast, measure_matmul_peak, resolve_device, sync
+from azllm.device import measure_matmul_peak, resolve_device, sync
 from azllm.model import GPT
-from azllm.train import Dist, lr_at, make_optimizer, setup_distributed, shard_fsdp
+from azllm.optim import lr_at, make_optimizer
+from azllm.step import TrainStep
+from azllm.train import Dist, setup_distributed, shard_fsdp, wrap_model
 
 DEFAULT_PRESETS = "tiny,baby,small"  # az-100m on request: minutes per step on a 2-core CPU
 STRATEGIES = ("single", "compiled", "ddp", "fsdp")
@@ -93,32 +96,31 @@ def time_steps(
         tc.micro_batch = micro_batch
     tc.grad_accum = 1
     torch.manual_seed(seed)
-    model = GPT(mc).to(device)
-    model.gradient_checkpointing = tc.activation_checkpointing
-    model.ce_chunk = tc.chunked_ce
+    model = GPT(mc, activation_checkpointing=tc.activation_checkpointing, ce_chunk=tc.chunked_ce)
+    model = model.to(device)
     params, flops_per_token = model.num_params(), model.flops_per_token()  # before wrapping
     model.train()
     fsdp = strategy == "fsdp"
     if fsdp:  # before the optimizer: it must see the sharded parameters
         shard_fsdp(model, precision)
     optimizer = make_optimizer(model, tc, device)
-    if strategy == "compiled":
-        model = torch.compile(model)
-    if strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            gradient_as_bucket_view=True,
-        )
-    amp_precision = "fp32" if fsdp else precision  # FSDP's MixedPrecisionPolicy casts
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    model = wrap_model(model, compile_on=strategy == "compiled", ddp=strategy == "ddp")
+    per_rank = tc.micro_batch // d.world
+    # azllm.train's own step object, as train() builds it (FSDP's MixedPrecisionPolicy casts).
+    train_step = TrainStep(
+        model,
+        optimizer,
+        micro_batch=per_rank,
+        grad_accum=1,
+        grad_clip=tc.grad_clip,
+        device=device,
+        precision="fp32" if fsdp else precision,
+        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+    )
     g = torch.Generator().manual_seed(seed)  # the same batches in every process
     batches = torch.randint(
         0, mc.vocab_size, (warmup + steps, tc.micro_batch, mc.block_size + 1), generator=g
     )
-    per_rank = tc.micro_batch // d.world
     mine = slice(d.rank * per_rank, (d.rank + 1) * per_rank)
     times = []
     for i in range(warmup + steps):
@@ -127,17 +129,7 @@ def time_steps(
         if d.world > 1:
             dist.barrier()  # start together, so a step's time is not a neighbour's late start
         t0 = time.perf_counter()
-        # The step of azllm.train.train, with grad_accum = 1.
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(i + 1, tc)
-        with autocast(device, amp_precision):
-            loss = model(batch[:, :-1], batch[:, 1:])[1]
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        loss, _ = train_step(Batch(batch[:, :-1], batch[:, 1:]), lr_at(i + 1, tc))
         sync(device)
         if i == 0:
             first = time.perf_counter() - t0

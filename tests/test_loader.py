@@ -4,6 +4,7 @@ import time
 import pytest
 import torch
 
+from azllm.batch import Batch
 from azllm.loader import Prefetcher
 from azllm.shards import TokenBatches
 
@@ -16,10 +17,9 @@ def test_prefetched_batches_are_the_direct_ones(data_dir):
 
     with Prefetcher(make, range(5, 25), torch.device("cpu"), depth=3) as batches:
         for step in range(5, 25):
-            x, y = batches.get(step)
-            want_x, want_y = make(step)
-            assert torch.equal(x, want_x) and torch.equal(y, want_y)
-            assert x.shape == (4, 32)
+            got, want = batches.get(step), make(step)
+            assert torch.equal(got.inputs, want.inputs) and torch.equal(got.targets, want.targets)
+            assert got.inputs.shape == (4, 32) and got.segments is None
 
 
 def test_it_builds_ahead_while_the_step_runs():
@@ -27,10 +27,10 @@ def test_it_builds_ahead_while_the_step_runs():
 
     def make(step):
         built.append(step)
-        return (torch.full((2,), step),)
+        return Batch(torch.full((2,), step), torch.zeros(2))
 
     with Prefetcher(make, range(1, 100), torch.device("cpu"), depth=2) as batches:
-        (first,) = batches.get(1)
+        first = batches.get(1).inputs
         deadline = time.time() + 5
         while len(built) < 4 and time.time() < deadline:
             time.sleep(0.01)
@@ -43,7 +43,7 @@ def test_an_error_reaches_the_training_thread_at_its_step():
     def make(step):
         if step == 3:
             raise ValueError("shard 3 is unreadable")
-        return (torch.zeros(1),)
+        return Batch(torch.zeros(1), torch.zeros(1))
 
     with Prefetcher(make, range(1, 10), torch.device("cpu")) as batches:
         batches.get(1)
@@ -54,7 +54,9 @@ def test_an_error_reaches_the_training_thread_at_its_step():
 
 def test_close_stops_the_thread_when_training_stops_early():
     before = threading.active_count()
-    batches = Prefetcher(lambda s: (torch.zeros(1),), range(10**9), torch.device("cpu"), depth=1)
+    batches = Prefetcher(
+        lambda s: Batch(torch.zeros(1), torch.zeros(1)), range(10**9), torch.device("cpu"), depth=1
+    )
     batches.get(0)
     batches.close()  # the worker is blocked on a full queue: close must still return
     assert threading.active_count() == before

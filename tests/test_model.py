@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from azllm.config import ModelConfig
-from azllm.generate import StreamDecoder, generate, sample_next
+from azllm.generate import SamplingSettings, StreamDecoder, generate, sample_next
 from azllm.model import GPT
 
 
@@ -90,12 +90,13 @@ def test_sampling_is_seeded_and_filters_work():
     assert a == b and a != c
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]])
     g = torch.Generator().manual_seed(0)
-    picks = {int(sample_next(logits, 1.0, 2, None, g)) for _ in range(200)}
+    hot = SamplingSettings(temperature=1.0, top_k=0)
+    picks = {int(sample_next(logits, [hot.override(top_k=2)], [g])) for _ in range(200)}
     assert picks == {3, 4}
     # top-p 0.5: p(4)=0.636 alone reaches it
-    picks = {int(sample_next(logits, 1.0, None, 0.5, g)) for _ in range(200)}
+    picks = {int(sample_next(logits, [hot.override(top_p=0.5)], [g])) for _ in range(200)}
     assert picks == {4}
-    assert int(sample_next(logits, 0.0, None, None, None)) == 4
+    assert int(sample_next(logits, [hot.override(temperature=0.0)], [None])) == 4
 
 
 def test_stream_decoder_waits_for_whole_characters(tok):
@@ -115,13 +116,13 @@ def test_chunked_cross_entropy_matches_the_plain_loss_and_gradients(arch, kw):
     _, plain = m(x, y)
     plain.backward()
     grads = {n: p.grad.clone() for n, p in m.named_parameters()}
-    m.zero_grad()
-    m.ce_chunk = 7  # does not divide 60 tokens: the last chunk is short
-    logits, chunked = m(x, y)
+    c = GPT(m.cfg, ce_chunk=7).train()  # 7 does not divide 60 tokens: the last chunk is short
+    c.load_state_dict(m.state_dict())
+    logits, chunked = c(x, y)
     chunked.backward()
     assert logits is None
     assert chunked.item() == pytest.approx(plain.item(), rel=1e-6)
-    for n, p in m.named_parameters():
+    for n, p in c.named_parameters():
         assert torch.allclose(p.grad, grads[n], atol=1e-6), n
 
 
@@ -148,8 +149,7 @@ def test_packed_sequences_see_only_themselves(arch, kw):
 
 
 def test_packed_loss_and_gradients_under_activation_checkpointing():
-    m = tiny().train()
-    m.gradient_checkpointing = True
+    m = GPT(tiny().cfg, activation_checkpointing=True).train()
     torch.manual_seed(2)
     a, b = torch.randint(0, 97, (1, 10)), torch.randint(0, 97, (1, 25))
     ya, yb = torch.randint(0, 97, (1, 10)), torch.randint(0, 97, (1, 25))

@@ -10,12 +10,12 @@ Problems are reported as file:line and what is wrong.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 
+from azllm.batch import Batch, in_val, step_generator
 from azllm.errors import AzllmError
 from azllm.tokenizer import CHAT_ROLES, AzTokenizer
 
@@ -95,10 +95,9 @@ def load_conversations(paths: list[str | Path]) -> list[list[dict]]:
 
 
 def is_val(messages: list[dict], val_fraction: float) -> bool:
+    """batch.in_val over the conversation's canonical JSON."""
     key = json.dumps(messages, ensure_ascii=False, sort_keys=True).encode("utf-8")
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") / 2**64 < (
-        val_fraction
-    )
+    return in_val(key, val_fraction)
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -135,11 +134,15 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
 
 class ChatBatches:
     """Conversations as rows of block_size: inputs, and targets that are -1 except on the
-    assistant's tokens. Same interface as shards.TokenBatches, so the pretraining loop trains on
-    it; rows are picked by a hash of (seed, split, step), so resume stays exact.
+    assistant's tokens. A `batch.BatchSource`, so the pretraining loop trains on it.
 
-    pack=False: one conversation per row, the rest padding; batch() -> (x, y).
-    pack=True: several conversations per row (see pack_rows); batch() -> (x, y, segments), and
+    Rows are dealt in epochs: step k takes rows k*n .. k*n+n-1 of an endless sequence of
+    shuffled passes, each pass a permutation drawn from (seed, split, pass number) alone. Every
+    row is seen once per epoch (drawing with replacement left ~5% unseen after 3 "epochs"), and
+    a resumed run or K processes still see exactly what one uninterrupted process would.
+
+    pack=False: one conversation per row, the rest padding; batches have no segments.
+    pack=True: several conversations per row (see pack_rows); batches carry segment ids, and
     the model keeps each conversation to itself (GPT.forward(segments=...)), so the loss on a
     packed row is the loss of its conversations run alone.
     """
@@ -156,7 +159,7 @@ class ChatBatches:
         pack: bool = True,
     ) -> None:
         self.tokenizer_path, self.block_size, self.seed = Path(tokenizer_path), block_size, seed
-        self.dir, self.pack = Path(label), pack
+        self.label, self.pack = label, pack
         # Each conversation as (inputs, targets) = (ids[:-1], ids[1:] masked), so in a packed row
         # no target ever crosses into the next conversation.
         self.convs: dict[str, list[tuple[list[int], list[int]]]] = {"train": [], "val": []}
@@ -210,14 +213,19 @@ class ChatBatches:
         total = len(self.rows[split]) * self.block_size
         return 1 - self.input_tokens(split) / max(total, 1)
 
-    def batch(self, split: str, key: int, n: int, rows: slice | None = None):
-        digest = hashlib.blake2b(f"{self.seed}/{split}/{key}".encode(), digest_size=8).digest()
-        g = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-        picks = torch.randint(0, len(self.rows[split]), (n,), generator=g).tolist()
+    def batch(self, split: str, key: int, n: int, rows: slice | None = None) -> Batch:
+        total = len(self.rows[split])
+        picks, perms = [], {}
+        for i in range(key * n, key * n + n):
+            epoch = i // total
+            if epoch not in perms:
+                g = step_generator(self.seed, split, f"epoch{epoch}")
+                perms[epoch] = torch.randperm(total, generator=g).tolist()
+            picks.append(perms[epoch][i % total])
         return self.take(split, picks[rows] if rows is not None else picks)
 
-    def take(self, split: str, picks: list[int]):
-        """Rows `picks` of the split as tensors: (x, y, segments) when packed, else (x, y)."""
+    def take(self, split: str, picks: list[int]) -> Batch:
+        """Rows `picks` of the split (segment ids only when packed)."""
         x = torch.full((len(picks), self.block_size), self.pad_id, dtype=torch.long)
         y = torch.full((len(picks), self.block_size), -1, dtype=torch.long)
         seg = torch.zeros((len(picks), self.block_size), dtype=torch.long)
@@ -230,4 +238,4 @@ class ChatBatches:
                 seg[r, at : at + len(ids)] = s
                 at += len(ids)
             seg[r, at:] = s + 1  # the padding at the row end is a segment of its own
-        return (x, y, seg) if self.pack else (x, y)
+        return Batch(x, y, seg if self.pack else None)

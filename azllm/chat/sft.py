@@ -98,6 +98,4 @@ def sft(
         if progress:
             rows = len(data.rows["train"])
             print(f"{epochs:g} epochs of {rows} rows: {cfg.train.max_steps} steps")
-    return train(
-        cfg, None, out_run, data=data, init_weights=weights, resume=resume, progress=progress
-    )
+    return train(cfg, data, out_run, init_weights=weights, resume=resume, progress=progress)

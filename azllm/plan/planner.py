@@ -1,25 +1,17 @@
-"""`azllm plan`: the settings that make training fit a memory budget, from memory.py's model.
-
-    azllm plan --config az-100m --vram 4GB                 # what to pass to azllm train
-    azllm plan --config baby --vram 2GB --device cpu       # RAM of a CPU run
-    azllm plan --config baby --vram 2GB --device cpu --measure   # and check it: one real step
+"""The planner: the settings that make training fit a memory budget, from memory.py's model.
 
 make_plan tries settings from the fastest to the most frugal (see _levels) and returns the first
 that fits with a good micro-batch; when nothing fits it says so, with the smallest budget that
-would. measure_peak runs one real training step and reads the peak from the allocator
-(torch.cuda.max_memory_allocated on a GPU; the CPU allocator's own accounting via the profiler
-on a CPU), the figure memory.py's "allocated" estimates.
+would. No torch here: planning is arithmetic.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import re
 from dataclasses import dataclass, field
 
-from azllm.config import Config, apply_overrides, load_config
+from azllm.config import Config
 from azllm.errors import AzllmError
 from azllm.memory import (
     COMPONENTS,
@@ -34,8 +26,6 @@ from azllm.memory import (
     param_counts,
     peak_phase,
 )
-
-__all__ = ["Plan", "estimate_peak", "make_plan", "measure_peak", "parse_vram", "plan_table"]
 
 HEADROOM = 0.12  # of the budget left free: a desktop on the GPU, CUDA figures not measured here
 EFFICIENT_TOKENS = 4096  # a micro-batch of this many tokens keeps a GPU's matmuls busy
@@ -241,193 +231,3 @@ def plan_table(plan: Plan) -> str:
             f" the smallest budget that fits is {fmt_bytes(plan.min_vram_bytes)}",
         ]
     return "\n".join(lines)
-
-
-# ---- measurement ------------------------------------------------------------------------------
-
-
-def measure_peak(
-    cfg: Config,
-    micro_batch: int,
-    *,
-    precision: str,
-    activation_checkpointing: bool,
-    device: str = "cpu",
-    optimizer_state: str = "fp32",
-    chunked_ce: int = 0,
-    grad_accum: int = 1,
-    steps: int = 2,
-    seed: int = 0,
-    profile: bool = True,
-) -> dict[str, int]:
-    """Run train.py's step for real and return {"allocated": peak bytes, ...}.
-
-    The step as in azllm.train: per micro-batch an autocast forward of which only the loss is
-    kept (train.py's `model(...)[1]`), a (scaled) backward; then unscale, clip, optimizer
-    step, zero_grad(set_to_none). A first step makes the optimizer states, then `steps` more.
-    On CUDA: torch.cuda.max_memory_allocated after the first step (+ "reserved" and
-    "device_used", nvidia-smi's figure). On a CPU, torch's CPU allocator reports each
-    allocation and free to the profiler (profile_memory=True): the peak of the running sum
-    over the steps, plus the bytes alive before (weights, buffers, batches), is the same
-    quantity, exactly, without glibc's fragmentation. (The first step peaks no higher than the
-    later ones: its optimizer step holds what theirs do, its forward and backward have no
-    optimizer states yet.)
-    profile=False (CPU): no profiler, only "rss", the process's peak resident set (VmHWM:
-    meaningful in a fresh process; it includes Python, torch and glibc's fragmentation).
-    """
-    import torch
-
-    from azllm.device import autocast
-    from azllm.model import GPT
-    from azllm.train import make_optimizer
-
-    dev = torch.device(device)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train))
-    cfg.train.optimizer_state = optimizer_state
-    m, b, t = cfg.model, micro_batch, cfg.model.block_size
-    torch.manual_seed(seed)
-    model = GPT(m).to(dev)
-    model.train()
-    model.gradient_checkpointing = activation_checkpointing
-    model.ce_chunk = chunked_ce
-    optimizer = make_optimizer(model, cfg.train, dev)
-    scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
-    g = torch.Generator().manual_seed(seed)
-    shape = (steps + 1, grad_accum, b, t)
-    xs = torch.randint(0, m.vocab_size, shape, generator=g).to(dev)
-    ys = torch.randint(0, m.vocab_size, shape, generator=g).to(dev)
-
-    def step(i: int) -> None:
-        for micro in range(grad_accum):
-            with autocast(dev, precision):
-                loss = model(xs[i, micro], ys[i, micro])[1]
-                loss = loss / grad_accum
-            scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-
-    if dev.type == "cuda":
-        step(0)
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        for i in range(1, steps + 1):
-            step(i)
-        torch.cuda.synchronize(dev)
-        free, total = torch.cuda.mem_get_info(dev)
-        return {
-            "allocated": torch.cuda.max_memory_allocated(dev),
-            "reserved": torch.cuda.max_memory_reserved(dev),
-            "device_used": total - free,
-        }
-    if not profile:
-        for i in range(steps + 1):
-            step(i)
-        return {"rss": _peak_rss()}
-    # The profiler reports allocations made while it runs and the frees of those (also in a
-    # later window), never frees of older blocks: so every step from the first is profiled,
-    # one window per step (smaller traces), and the running count carries over.
-    alive = {}
-    for x in [*model.parameters(), *model.buffers(), xs, ys]:
-        alive[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
-    live = peak = sum(alive.values())
-    for i in range(steps + 1):
-        top, end = _profiled(lambda i=i: step(i))
-        peak, live = max(peak, live + top), live + end
-    return {"allocated": peak}
-
-
-def _peak_rss() -> int:
-    """This process's peak resident set: VmHWM (ru_maxrss would also count the parent's pages
-    copied at fork, before exec)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            kb = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
-        return int(kb) * 1024
-    except (OSError, StopIteration):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _profiled(fn) -> tuple[int, int]:
-    """(peak, final) of bytes allocated minus freed by torch's CPU allocator while fn runs."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        e = stack.pop()
-        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
-            events.append((e.start_time_ns, e.extra_fields.alloc_size))
-        stack.extend(e.children)
-    live = peak = 0
-    for _, size in sorted(events):
-        live += size
-        peak = max(peak, live)
-    return peak, live
-
-
-# ---- command line -----------------------------------------------------------------------------
-
-
-def cmd_plan(args) -> int:
-    cfg = load_config(args.config)
-    overrides = {"model.block_size": args.context, "model.vocab_size": args.vocab_size}
-    cfg = apply_overrides(cfg, overrides)
-    plan = make_plan(
-        cfg, parse_vram(args.vram), target_global_batch=args.global_batch,
-        precision=args.precision, device_type=args.device, world=args.world,
-        strategy=args.strategy,
-    )  # fmt: skip
-    if args.json:
-        print(json.dumps(dataclasses.asdict(plan), indent=2))
-    else:
-        print(plan_table(plan))
-    if args.measure:
-        import torch
-
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise AzllmError("--measure: no CUDA GPU here to measure on; use --device cpu")
-        got = measure_peak(
-            cfg, plan.micro_batch, precision=plan.precision,
-            activation_checkpointing=plan.activation_checkpointing, device=args.device,
-            optimizer_state=plan.optimizer_state, chunked_ce=plan.chunked_ce,
-            grad_accum=min(plan.grad_accum, 2),
-        )  # fmt: skip
-        est = plan.breakdown["allocated"]
-        print(
-            f"measured: allocated peak {fmt_bytes(got['allocated'])} (estimate "
-            f"{fmt_bytes(est)}, ratio {est / got['allocated']:.3f})"
-            + (f"; device used {fmt_bytes(got['device_used'])}" if "device_used" in got else "")
-        )
-    if not plan.fits:
-        raise AzllmError(
-            f"{args.config} at context {plan.context} does not fit in {args.vram}: the smallest "
-            f"budget that fits is {fmt_bytes(plan.min_vram_bytes)} (micro-batch 1, every saver)"
-        )
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "plan", help="memory needed to train a config, and the settings that fit a budget"
-    )
-    p.add_argument("--config", required=True, help="preset (tiny, baby, small, az-100m) or TOML")
-    p.add_argument("--vram", required=True, help="memory budget: 4GB, 3.5GiB, 4096MB")
-    p.add_argument("--context", type=int, help="tokens per sequence (default: the config's)")
-    p.add_argument("--vocab-size", type=int, help="the tokenizer's (default: the config's)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--global-batch", type=int, help="sequences per optimizer step")
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--world", type=int, default=1, help="processes (GPUs) under torchrun")
-    p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"])
-    p.add_argument("--json", action="store_true", help="the plan as JSON")
-    p.add_argument(
-        "--measure", action="store_true", help="also run two training steps here and compare"
-    )
-    p.set_defaults(func=cmd_plan)
