@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from azllm.chat.cli import run_flags
+from azllm.chat.cli import run_flags, sampling_flags
+from azllm.config import ARCHS, OPTIMIZER_STATES, PRECISIONS, STRATEGIES
 from azllm.errors import AzllmError
 
 # Flags of `azllm train` that override config fields: flag -> "section.field".
@@ -215,10 +216,14 @@ def _report(last: dict, out: str) -> None:
 
 
 def cmd_generate(args) -> int:
+    from azllm.chat.cli import sampling_from_args
     from azllm.checkpoint import load_run
     from azllm.device import resolve_device, resolve_precision
     from azllm.generate import StreamDecoder, generate
 
+    sampling = sampling_from_args(args)  # bad flags fail here, before the model loads
+    if args.num_samples < 1:
+        raise AzllmError(f"--num-samples must be an integer >= 1, got {args.num_samples}")
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     model, tok, _ = load_run(Path(args.run), device, args.weights)
@@ -231,11 +236,7 @@ def cmd_generate(args) -> int:
     outs = generate(
         model,
         ids,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
+        sampling,
         eos_id=tok.eos_id,
         pad_id=tok.pad_id,
         use_cache=not args.no_cache,
@@ -304,10 +305,10 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     ):
         p.add_argument("--" + flag.replace("_", "-"), type=int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--arch", choices=["llama", "gpt2"])
-    p.add_argument("--strategy", choices=["ddp", "fsdp"], help="under torchrun")
-    p.add_argument("--optimizer-state", choices=["fp32", "bf16", "8bit"])
+    p.add_argument("--precision", choices=PRECISIONS)
+    p.add_argument("--arch", choices=ARCHS)
+    p.add_argument("--strategy", choices=STRATEGIES, help="under torchrun")
+    p.add_argument("--optimizer-state", choices=OPTIMIZER_STATES)
     p.add_argument("--device")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument(
@@ -386,12 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample text from a trained run")
     run_flags(p, threads=False)
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--num-samples", type=int, default=1)
+    sampling_flags(p)
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--no-cache", action="store_true", help="recompute instead of a KV cache")
     p.add_argument("--no-stream", action="store_true")
     p.set_defaults(func=cmd_generate)
@@ -404,9 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("quickstart", help="tokenizer + baby model on the bundled corpus, on a CPU")
+    p = sub.add_parser("quickstart", help="tokenizer + small model on the bundled corpus, on a CPU")
     p.add_argument("--out", default="runs/quickstart")
-    p.add_argument("--minutes", type=float, default=5.0, help="training time budget")
+    p.add_argument("--minutes", type=float, default=4.0, help="time budget, tokenizer to samples")
     p.add_argument("--force", action="store_true", help="replace a non-quickstart --out")
     p.set_defaults(func=cmd_quickstart)
 

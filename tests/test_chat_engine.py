@@ -171,35 +171,29 @@ def test_requests_that_cannot_fit_are_refused(engine):
     assert len(list(req.stream())) == 3
 
 
-def test_batched_sampling_draws_what_sample_next_draws_row_by_row():
-    from azllm.chat.engine import Request, sample_rows
-    from azllm.generate import sample_next
+def test_each_row_keeps_its_own_sampling_settings_in_one_batch():
+    # the engine hands sample_next one batch of rows with mixed settings and one generator per
+    # row: each row must draw exactly what it draws alone (uniform settings, its own generator)
+    from azllm.generate import SamplingSettings, sample_next
 
     torch.manual_seed(1)
-    params = [
-        (0.0, None, None),
-        (1.0, None, None),
-        (0.7, 5, None),
-        (1.3, None, 0.5),
-        (0.9, 40, 0.8),
-        (1.0, 1, None),
-        (0.5, 10_000, 0.999),
+    rows = [
+        SamplingSettings(temperature=0.0),
+        SamplingSettings(temperature=1.0, top_k=0),
+        SamplingSettings(temperature=0.7, top_k=5),
+        SamplingSettings(temperature=1.3, top_k=0, top_p=0.5),
+        SamplingSettings(temperature=0.9, top_k=40, top_p=0.8),
+        SamplingSettings(temperature=1.0, top_k=1),
+        SamplingSettings(temperature=0.5, top_k=10_000, top_p=0.999),
     ]
     for step in range(20):
-        logits = torch.randn(len(params), 1000) * 3
-        reqs = [
-            Request([0], 1, t, p, k, generator=torch.Generator().manual_seed(step * 10 + i))
-            for i, (t, k, p) in enumerate(params)
-        ]
+        logits = torch.randn(len(rows), 1000) * 3
+        gens = [torch.Generator().manual_seed(step * 10 + i) for i in range(len(rows))]
         want = [
-            int(
-                sample_next(
-                    logits[i : i + 1], t, k, p, torch.Generator().manual_seed(step * 10 + i)
-                )[0]
-            )
-            for i, (t, k, p) in enumerate(params)
+            int(sample_next(logits[i : i + 1], [s], [torch.Generator().manual_seed(step * 10 + i)]))
+            for i, s in enumerate(rows)
         ]
-        assert sample_rows(logits, reqs) == want
+        assert sample_next(logits, rows, gens).tolist() == want
 
 
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model):

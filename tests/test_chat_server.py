@@ -108,6 +108,22 @@ def test_completions_streaming_and_not(server, tok):  # noqa: F811
     assert events[-2]["choices"][0]["finish_reason"] == "length"
 
 
+def test_the_api_defaults_are_the_models_defaults(server, tok):  # noqa: F811
+    from azllm.sampling import SamplingSettings
+
+    d, url = SamplingSettings(), server.url + "/v1/completions"
+    body = {"prompt": "Bakı", "seed": 5, "ignore_eos": True}
+    _, implicit = post_json(url, body)
+    explicit = {"temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p}
+    _, spelled = post_json(url, {**body, **explicit, "max_tokens": d.max_new_tokens})
+    assert implicit["choices"][0]["text"] == spelled["choices"][0]["text"]
+    assert implicit["usage"]["completion_tokens"] == d.max_new_tokens  # < the room: 256 - 3
+    # the default length never asks for more than the context has room for
+    prompt = [tok.bos_id] + [9] * (256 - 1 - d.max_new_tokens + 20)
+    _, out = post_json(url, {"prompt": prompt, "ignore_eos": True, "max_tokens": None})
+    assert out["usage"]["completion_tokens"] == 256 - len(prompt)
+
+
 def test_stop_strings_cut_the_reply(server):  # noqa: F811
     body = {"prompt": "Salam", "max_tokens": 40, "seed": 11, "ignore_eos": True}
     _, full = post_json(server.url + "/v1/completions", body)
@@ -179,7 +195,7 @@ def test_a_client_that_goes_away_frees_its_row(server):  # noqa: F811
         {"prompt": "Bir gün", "max_tokens": 240, "stream": True, "ignore_eos": True}
     ).encode()
     sock.sendall(
-        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         + f"Content-Length: {len(body)}\r\n\r\n".encode()
         + body
     )
@@ -246,6 +262,25 @@ BAD = [
         "invalid_value",
     ),
     ("/v1/chat/completions", {"messages": MSGS, "n": 3}, 400, "n", "invalid_value"),
+    ("/v1/chat/completions", {"messages": MSGS, "top_p": 0}, 400, "top_p", "invalid_value"),
+    ("/v1/chat/completions", {"messages": MSGS, "top_p": 1.01}, 400, "top_p", "invalid_value"),
+    ("/v1/chat/completions", {"messages": MSGS, "top_k": -1}, 400, "top_k", "invalid_value"),
+    ("/v1/chat/completions", {"messages": MSGS, "top_k": 2**31}, 400, "top_k", "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "top_k": "5"}, 400, "top_k", "invalid_type"),
+    (
+        "/v1/chat/completions",
+        {"messages": MSGS, "ignore_eos": "false"},
+        400,
+        "ignore_eos",
+        "invalid_type",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": MSGS, "stream": True, "stream_options": {"include_usage": "false"}},
+        400,
+        "stream_options.include_usage",
+        "invalid_type",
+    ),
     ("/v1/chat/completions", {"messages": MSGS, "stream": "yes"}, 400, "stream", "invalid_type"),
     ("/v1/completions", {"prompt": LONG}, 400, "prompt", "context_length_exceeded"),
     ("/v1/completions", {"prompt": 42}, 400, "prompt", "invalid_value"),

@@ -11,6 +11,7 @@ from chat_fixtures import REPO, chat_cli, make_run
 from azllm.chat.engine import Engine
 from azllm.chat.terminal import chat_loop, fit_history
 from azllm.checkpoint import load_run
+from azllm.generate import SamplingSettings
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +128,7 @@ def test_reply_is_printed_while_it_is_generated(small_run):
             stdin=io.StringIO("Salam\n"),
             stdout=out,
             max_new_tokens=20,
-            seed=3,
-            temperature=1.0,
+            sampling=SamplingSettings(temperature=1.0, seed=3),
         )
     finally:
         engine.shutdown()

@@ -258,3 +258,30 @@ def test_vram_budget_that_cannot_fit(tmp_path, data_dir):
     )
     assert not (tmp_path / "r").exists()
     fails("plan", "--config", "baby", "--vram", "lots", match="lots")
+
+
+@pytest.mark.parametrize(
+    "flags,named",
+    [
+        (["--temperature", "-1"], "--temperature"),
+        (["--top-p", "1.5"], "--top-p"),
+        (["--top-p", "0"], "--top-p"),
+        (["--top-k", "-1"], "--top-k"),
+        (["--max-new-tokens", "-3"], "--max-new-tokens"),
+        (["--num-samples", "0"], "--num-samples"),
+    ],
+)
+def test_bad_sampling_flags_of_generate(run_dir, capsys, flags, named):
+    from azllm.cli import main
+
+    assert main(["generate", "--run", str(run_dir), "--prompt", "Salam", *flags]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith(f"azllm: error: {named} must be"), err
+
+
+def test_bad_sampling_flags_of_chat_fail_before_the_first_message(run_dir):
+    # before, `azllm chat --top-p 0` started and failed at the first message
+    proc = run_cli("chat", "--run", run_dir, "--top-p", "0", check=False, timeout=120)
+    assert proc.returncode == 2 and "you>" not in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stderr.strip().startswith("azllm: error: --top-p must be"), proc.stderr
+    fails("chat", "--run", run_dir, "--temperature", "-0.5", match="--temperature must be")

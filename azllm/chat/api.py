@@ -5,15 +5,31 @@ errors are {"error": {"message", "type", "param", "code"}}; replies are `chat.co
 `text_completion` objects, streamed as `chat.completion.chunk` (choices[].delta) /
 `text_completion` chunks. Extensions beyond OpenAI: `top_k`, and `ignore_eos` (as in vLLM:
 generate exactly max_tokens, for benchmarks). A "developer" message is a system message.
+
+Every field is checked for its type and bounds before anything uses it, so a hostile body gets a
+400 and never reaches the tokenizer or the engine: JSON nesting is bounded, strings must be
+valid Unicode (no lone surrogates, which JSON's "\\ud800" escape can smuggle in), integers are
+bounded (a 5,000-digit max_tokens or a seed torch cannot take is a 400, not a 500). Fields the
+request leaves out take the model's own defaults, `SamplingSettings()` (as Ollama does), except
+max_tokens, whose default is also capped by the room the prompt leaves in the context.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from azllm.sampling import DoesNotFit, SamplingSettings, fit_max_tokens
 from azllm.tokenizer import AzTokenizer
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+DEFAULTS = SamplingSettings()
+# azllm reads at most 5 levels ({"messages": [{"content": [{...}]}]}), but clients also send
+# fields it ignores (tools, response_format with a JSON schema) that nest deeper
+MAX_DEPTH = 64
+INT_MAX = 2**31 - 1
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
 class ApiError(Exception):
@@ -47,12 +63,70 @@ class ApiError(Exception):
         }
 
 
+def _show(value) -> str:
+    """A value for an error message: short, whatever the client sent."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")  # json.loads accepts NaN and Infinity by default
+
+
+def parse_json(raw: bytes) -> dict:
+    """The request body as a JSON object, nested at most MAX_DEPTH deep, every string (keys
+    too) valid Unicode. ApiError(400, code "invalid_json") otherwise."""
+    try:
+        body = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:  # "[[[[..." deeper than Python's stack: the C parser gives up
+        raise _too_deep() from None
+    except ValueError as e:  # bad syntax, bad UTF-8, an integer over 4,300 digits, NaN
+        raise ApiError(
+            400, f"the request body is not valid JSON ({_show(str(e))})", None, "invalid_json"
+        ) from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
+    stack = [(body, 1)]  # iterative: the walk itself must not recurse on hostile nesting
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise _too_deep()
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            for s in (key, value):
+                if isinstance(s, str) and not _valid_unicode(s):
+                    raise ApiError(
+                        400,
+                        "the request body has a string that is not valid Unicode "
+                        "(a lone surrogate such as \\ud800)",
+                        None,
+                        "invalid_json",
+                    )
+            if isinstance(value, dict | list):
+                stack.append((value, depth + 1))
+    return body
+
+
+def _too_deep() -> ApiError:
+    return ApiError(
+        400, f"the request body nests deeper than {MAX_DEPTH} levels", None, "invalid_json"
+    )
+
+
+def _valid_unicode(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @dataclass
 class Params:
-    max_tokens: int | None  # None: up to the context
+    max_tokens: int | None  # None: the default (SamplingSettings), capped by the context
     temperature: float
-    top_p: float | None
-    top_k: int | None
+    top_p: float
+    top_k: int  # 0 = off (passed as 0: the engine reads None as "the default")
     seed: int | None
     stop: list[str]
     stream: bool
@@ -60,42 +134,62 @@ class Params:
     ignore_eos: bool
 
 
+def _type_error(name: str, what: str, value) -> ApiError:
+    return ApiError(400, f"{name} must be {what}, got {_show(value)}", name, "invalid_type")
+
+
+def _bool(obj: dict, name: str, default: bool, param: str | None = None) -> bool:
+    value = obj.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):  # the string "false" is not false
+        raise _type_error(param or name, "true or false", value)
+    return value
+
+
 def _number(body: dict, name: str, lo: float, hi: float, default, lo_open: bool = False):
     value = body.get(name)
     if value is None:
         return default
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if not ok or not ((lo < value if lo_open else lo <= value) and value <= hi):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _type_error(name, "a number", value)
+    if not ((lo < value if lo_open else lo <= value) and value <= hi):
         side = "(" if lo_open else "["
         raise ApiError(
             400,
-            f"{name} must be a number in {side}{lo}, {hi}], got {value!r}",
+            f"{name} must be a number in {side}{lo}, {hi}], got {_show(value)}",
             name,
             "invalid_value",
         )
     return value
 
 
-def _integer(body: dict, name: str, lo: int, default=None):
+def _integer(body: dict, name: str, lo: int, hi: int = INT_MAX, default=None):
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _type_error(name, "an integer", value)
+    if not lo <= value <= hi:
         raise ApiError(
-            400, f"{name} must be an integer >= {lo}, got {value!r}", name, "invalid_value"
+            400,
+            f"{name} must be an integer in [{lo}, {hi}], got {_show(value)}",
+            name,
+            "invalid_value",
         )
     return value
 
 
 def parse_params(body: dict) -> Params:
-    """Sampling and streaming options of a completion request, checked."""
-    max_tokens = _integer(body, "max_completion_tokens", 1, _integer(body, "max_tokens", 1))
-    if _integer(body, "n", 1, 1) != 1:
+    """Sampling and streaming options of a completion request, checked; absent ones take
+    `SamplingSettings()`'s defaults."""
+    max_tokens = _integer(body, "max_completion_tokens", 1, default=_integer(body, "max_tokens", 1))
+    if _integer(body, "n", 1, default=1) != 1:
         raise ApiError(
             400, "n: only one choice per request is supported (n=1)", "n", "invalid_value"
         )
     stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop or []
+    stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
     if not (
         isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)
     ):
@@ -105,24 +199,20 @@ def parse_params(body: dict) -> Params:
             "stop",
             "invalid_value",
         )
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(
-            400, f"stream must be true or false, got {stream!r}", "stream", "invalid_type"
-        )
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    options = {} if options is None else options
     if not isinstance(options, dict):
-        raise ApiError(400, "stream_options must be an object", "stream_options", "invalid_type")
+        raise _type_error("stream_options", "an object", options)
     return Params(
         max_tokens=max_tokens,
-        temperature=float(_number(body, "temperature", 0, 2, 1.0)),
-        top_p=float(_number(body, "top_p", 0, 1, 1.0, lo_open=True)),
-        top_k=_integer(body, "top_k", 0) or None,
-        seed=_integer(body, "seed", -(2**63)),
+        temperature=float(_number(body, "temperature", 0, 2, DEFAULTS.temperature)),
+        top_p=float(_number(body, "top_p", 0, 1, DEFAULTS.top_p, lo_open=True)),
+        top_k=_integer(body, "top_k", 0, default=DEFAULTS.top_k),
+        seed=_integer(body, "seed", *SEED_RANGE, default=DEFAULTS.seed),
         stop=stop,
-        stream=stream,
-        include_usage=bool(options.get("include_usage", False)),
-        ignore_eos=bool(body.get("ignore_eos", False)),
+        stream=_bool(body, "stream", False),
+        include_usage=_bool(options, "include_usage", False, "stream_options.include_usage"),
+        ignore_eos=_bool(body, "ignore_eos", False),
     )
 
 
@@ -142,10 +232,10 @@ def chat_messages(body: dict) -> list[dict]:
         if not isinstance(m, dict):
             raise ApiError(400, f"{where} must be an object", where, "invalid_type")
         role = m.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a list is not hashable
             raise ApiError(
                 400,
-                f"Invalid value: {role!r}. Supported roles are 'system', "
+                f"Invalid value: {_show(role)}. Supported roles are 'system', "
                 "'developer', 'user' and 'assistant'.",
                 f"{where}.role",
                 "invalid_value",
@@ -171,13 +261,18 @@ def chat_messages(body: dict) -> list[dict]:
     return out
 
 
-def completion_ids(body: dict, tok: AzTokenizer) -> list[int]:
+def completion_ids(
+    body: dict, tok: AzTokenizer, check_text: Callable[[str], None] | None = None
+) -> list[int]:
     """`prompt` of /v1/completions as token ids: a string (BOS + its tokens, as `azllm generate`
-    does) or a list of token ids; a batch of one is accepted."""
+    does) or a list of token ids; a batch of one is accepted. `check_text` sees a string prompt
+    before it is tokenized (the server refuses text too long to fit there)."""
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]
     if isinstance(prompt, str):
+        if check_text is not None:
+            check_text(prompt)
         return [tok.bos_id] + tok.encode(prompt)
     if (
         isinstance(prompt, list)
@@ -196,24 +291,36 @@ def completion_ids(body: dict, tok: AzTokenizer) -> list[int]:
     )
 
 
-def check_fit(n_prompt: int, max_tokens: int | None, ctx: int, prompt_param: str) -> None:
-    if n_prompt >= ctx:
+def model_name(body: dict, served: str) -> str:
+    """The `model` a request names: the served one (its default) or "azllm"; 404 otherwise."""
+    model = body.get("model", served)
+    if not isinstance(model, str):
+        raise _type_error("model", "a string", model)
+    if model not in (served, "azllm"):
+        raise ApiError(
+            404,
+            f"The model `{_show(model)[1:-1]}` does not exist; this server has `{served}` "
+            "(GET /v1/models)",
+            "model",
+            "model_not_found",
+        )
+    return model
+
+
+def fit(n_prompt: int, max_tokens: int | None, ctx: int, prompt_param: str) -> int:
+    """The max_tokens to generate: the request's, or the default capped by the room the prompt
+    leaves. The fit rule is sampling.fit_max_tokens (the engine's and generate()'s too); its
+    DoesNotFit names the field at fault."""
+    try:
+        room = fit_max_tokens(n_prompt, max_tokens, ctx)
+    except DoesNotFit as e:
         raise ApiError(
             400,
-            f"This model's maximum context length is {ctx} tokens, but the "
-            f"prompt has {n_prompt} tokens; shorten it",
-            prompt_param,
+            f"This model's maximum context length is {ctx} tokens: {e}",
+            prompt_param if e.param == "prompt" else "max_tokens",
             "context_length_exceeded",
-        )
-    if max_tokens is not None and n_prompt + max_tokens > ctx:
-        raise ApiError(
-            400,
-            f"This model's maximum context length is {ctx} tokens; the prompt "
-            f"has {n_prompt} tokens and max_tokens asks for {max_tokens}; ask for at "
-            f"most {ctx - n_prompt}",
-            "max_tokens",
-            "context_length_exceeded",
-        )
+        ) from None
+    return room if max_tokens is not None else min(DEFAULTS.max_new_tokens, room)
 
 
 def safe_end(text: str, stops: list[str]) -> int:

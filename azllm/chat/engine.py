@@ -11,8 +11,9 @@ waits for the batch in flight to finish:
    only looks at `valid`, so moving slots changes nothing for attention); rows that finished or
    were cancelled are dropped here;
 3. decode: one forward of [batch, 1] (each row's last sampled token), then per-row sampling with
-   the row's own temperature / top-k / top-p and its own seeded generator, and per-row stops.
-   Every loop turn does one decode step, with or without admissions.
+   the row's own temperature / top-k / top-p and its own seeded generator (the one sampler,
+   `generate.sample_next`), and per-row stops. Every loop turn does one decode step, with or
+   without admissions, and reads the sampled tokens back to the host once.
 
 The cache's slot counter is shared by all rows, so it can outgrow a row's own length; it is
 packed again (step 2 with no new rows) when the next step would pass the context. Admission
@@ -35,6 +36,7 @@ import torch
 
 from azllm.device import DTYPES, autocast
 from azllm.errors import AzllmError
+from azllm.generate import SamplingSettings, fit_max_tokens, sample_next
 from azllm.model import GPT, KVCache
 
 # emit(kind, value): ("token", id) for each new token, then ("done", Result) or ("error", message)
@@ -50,14 +52,12 @@ class Result:
 
 @dataclass
 class Request:
-    """A sequence to continue. Made by `Engine.submit`; read `events` or pass your own emit."""
+    """A sequence to continue. Made by `Engine.submit`; read `events` or pass your own emit.
+    `sampling` picks the tokens (its max_new_tokens is not read: `max_tokens` is the length)."""
 
     prompt: list[int]
     max_tokens: int
-    temperature: float = 1.0
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
+    sampling: SamplingSettings = SamplingSettings()
     stop_ids: frozenset[int] = frozenset()
     emit: Emit | None = None
     id: int = 0
@@ -116,56 +116,39 @@ class Engine:
     # ---- API (any thread) ---------------------------------------------------------------------
 
     def check(self, n_prompt: int, max_tokens: int | None) -> int:
-        """The max_tokens to use for a prompt of n_prompt tokens; AzllmError if it cannot fit."""
-        if n_prompt < 1:
-            raise AzllmError("the prompt is empty: it needs at least one token")
-        if n_prompt >= self.ctx:
-            raise AzllmError(
-                f"the prompt has {n_prompt} tokens but the model's context is "
-                f"{self.ctx}; shorten it"
-            )
-        room = self.ctx - n_prompt
-        if max_tokens is None:
-            return room
-        if max_tokens < 1:
-            raise AzllmError(f"max_tokens must be at least 1 (got {max_tokens})")
-        if max_tokens > room:
-            raise AzllmError(
-                f"the prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) "
-                f"exceeds the model's context of {self.ctx}; ask for at most "
-                f"{room} tokens"
-            )
-        return max_tokens
+        """The max_tokens to use for a prompt of n_prompt tokens (None: up to the context);
+        AzllmError (`generate.DoesNotFit` when it is about the context) if it cannot fit."""
+        return fit_max_tokens(n_prompt, max_tokens, self.ctx)
 
     def submit(
         self,
         prompt: list[int],
         *,
+        sampling: SamplingSettings | None = None,
         max_tokens: int | None = None,
-        temperature: float = 1.0,
+        temperature: float | None = None,
         top_p: float | None = None,
         top_k: int | None = None,
         seed: int | None = None,
         stop_ids: set[int] | frozenset[int] = frozenset(),
         emit: Emit | None = None,
     ) -> Request:
-        max_tokens = self.check(len(prompt), max_tokens)
-        req = Request(
-            list(prompt),
-            max_tokens,
-            temperature,
-            top_p,
-            top_k or None,
-            seed,
-            frozenset(stop_ids),
-            emit,
-            next(self._ids),
+        """Queue a prompt. Tokens are picked by `sampling` (default SamplingSettings()), whose
+        fields temperature / top_p / top_k / seed are replaced by those given here (None keeps
+        them). The length is max_tokens (None: up to the context), not sampling.max_new_tokens:
+        the API's max_tokens means that, and the terminal passes its own."""
+        sampling = (sampling or SamplingSettings()).override(
+            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
         )
+        sampling.check()
+        max_tokens = self.check(len(prompt), max_tokens)
+        req = Request(list(prompt), max_tokens, sampling, frozenset(stop_ids), emit)
+        req.id = next(self._ids)
         if emit is None:
             req.events = queue.Queue()
             req.emit = lambda kind, value: req.events.put((kind, value))
-        if seed is not None:
-            req.generator = torch.Generator(device=self.device).manual_seed(seed)
+        if sampling.seed is not None:
+            req.generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
         with self._wake:
             if self._stopping:
                 raise AzllmError("the engine has been shut down")
@@ -267,8 +250,10 @@ class Engine:
         live = [(i, r) for i, r in zip(idx, reqs, strict=True) if not r.finished]
         if not live:
             return
-        rows = torch.tensor([i for i, _ in live], device=logits.device)
-        tokens = sample_rows(logits[rows], [r for _, r in live])
+        if len(live) < logits.size(0):
+            logits = logits[torch.tensor([i for i, _ in live], device=logits.device)]
+        picked = sample_next(logits, [r.sampling for _, r in live], [r.generator for _, r in live])
+        tokens = picked.tolist()  # the one host read of this step
         for (i, req), t in zip(live, tokens, strict=True):
             into[i] = t
             if t in req.stop_ids:
@@ -330,43 +315,6 @@ def _packed(cache: KVCache, rows: list[int]):
         cache.next_pos[idx],
         n,
     )
-
-
-def sample_rows(logits: torch.Tensor, reqs: list[Request]) -> list[int]:
-    """Next token per row [B, V] -> B ids, each row with its own temperature, top-k, top-p and
-    generator. The same draws as `generate.sample_next` row by row; the filtering runs on all
-    rows at once (a per-row sort of the vocabulary costs more than a decode step's matmuls
-    for small models with 8k+ vocabularies)."""
-    logits = logits.float()
-    out = logits.argmax(-1).tolist()  # temperature 0: greedy
-    hot = [i for i, r in enumerate(reqs) if r.temperature > 0]
-    if not hot:
-        return out
-    dev, inf = logits.device, float("inf")
-    x = logits[torch.tensor(hot, device=dev)]
-    x = x / torch.tensor([reqs[i].temperature for i in hot], device=dev)[:, None]
-    ks = [min(reqs[i].top_k or 0, x.size(-1)) for i in hot]
-    if any(ks):
-        top = torch.topk(x, max(ks)).values
-        kth = top.gather(1, torch.tensor([max(k - 1, 0) for k in ks], device=dev)[:, None])
-        kth = kth.masked_fill(torch.tensor([k == 0 for k in ks], device=dev)[:, None], -inf)
-        x = x.masked_fill(x < kth, -inf)
-    ps = [reqs[i].top_p if reqs[i].top_p is not None and reqs[i].top_p < 1 else 2.0 for i in hot]
-    if any(p < 1 for p in ps):  # p = 2 never drops anything
-        sorted_x, order = x.sort(-1, descending=True)
-        probs = sorted_x.softmax(-1)
-        drop = (probs.cumsum(-1) - probs) >= torch.tensor(ps, device=dev)[:, None]
-        x = torch.full_like(x, -inf).scatter(-1, order, sorted_x.masked_fill(drop, -inf))
-    probs = x.softmax(-1)
-    free = [j for j, i in enumerate(hot) if reqs[i].generator is None]
-    if free:  # rows without a seed share one draw from the global generator
-        picks = torch.multinomial(probs[torch.tensor(free, device=dev)], 1).squeeze(-1).tolist()
-        for j, t in zip(free, picks, strict=True):
-            out[hot[j]] = t
-    for j, i in enumerate(hot):
-        if reqs[i].generator is not None:
-            out[i] = int(torch.multinomial(probs[j : j + 1], 1, generator=reqs[i].generator))
-    return out
 
 
 def wait_all(reqs: list[Request], timeout: float = 60.0) -> list[list[int]]:

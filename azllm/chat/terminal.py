@@ -4,15 +4,17 @@ The conversation is kept and re-sent whole each turn through the one chat templa
 (`AzTokenizer.encode_chat`); when it no longer fits `context - max_new_tokens`, the oldest turns
 are dropped (the system prompt stays). Commands: /reset, /system TEXT, /help, /quit; Ctrl-D
 (end of input) leaves, Ctrl-C stops a reply that is being written.
+Template tokens go in by id only (`encode_chat`): what the user types is always plain text.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import TextIO
 
 from azllm.chat.engine import Engine
-from azllm.generate import StreamDecoder
+from azllm.generate import SamplingSettings, StreamDecoder
 from azllm.tokenizer import AzTokenizer
 
 HELP = (
@@ -63,14 +65,16 @@ def chat_loop(
     *,
     name: str = "azllm",
     system: str = "",
+    sampling: SamplingSettings | None = None,
     max_new_tokens: int | None = None,
-    temperature: float = 0.8,
-    top_k: int | None = 50,
-    top_p: float | None = None,
-    seed: int | None = None,
     stdin: TextIO = sys.stdin,
     stdout: TextIO = sys.stdout,
 ) -> int:
+    """Talk until /quit or end of input. `sampling` (default SamplingSettings()) picks the
+    tokens; its seed, if any, seeds reply n with seed + n, so a replayed session replies the
+    same. Replies are at most max_new_tokens long (None: half the context, so that a long reply
+    still leaves the conversation room)."""
+    sampling = (sampling or SamplingSettings()).check()
     ctx = engine.ctx
     if max_new_tokens is None:
         max_new_tokens = ctx // 2
@@ -125,13 +129,11 @@ def chat_loop(
             stdout.write(f"(dropped the {dropped} oldest message(s) to fit the context)\n")
         stdout.write("bot> ")
         stdout.flush()
+        seed = None if sampling.seed is None else sampling.seed + n_replies
         req = engine.submit(
             ids,
+            sampling=dataclasses.replace(sampling, seed=seed),
             max_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=None if seed is None else seed + n_replies,
             stop_ids={tok.end_id, tok.eos_id},
         )
         n_replies += 1
@@ -152,9 +154,11 @@ def run_chat(args) -> int:
     """`azllm chat` entry point."""
     from pathlib import Path
 
+    from azllm.chat.cli import sampling_from_args
     from azllm.checkpoint import load_run
     from azllm.device import resolve_device, resolve_precision
 
+    sampling = sampling_from_args(args)  # bad flags fail here, before the model loads
     device = resolve_device(args.device)
     model, tok, _ = load_run(Path(args.run), device, args.weights)
     engine = Engine(model, max_batch=1, precision=resolve_precision(args.precision, device))
@@ -164,11 +168,8 @@ def run_chat(args) -> int:
             tok,
             name=Path(args.run).resolve().name,
             system=args.system,
+            sampling=sampling,
             max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
         )
     finally:
         engine.shutdown()

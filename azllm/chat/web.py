@@ -3,7 +3,9 @@
 It talks to the same `/v1/chat/completions` as any other client, with `stream: true`, reading
 the server-sent events from `fetch` as they arrive. The conversation lives in the page; when the
 server answers that it no longer fits the context, the oldest turns are dropped and the request
-is sent again (the system prompt is kept), as `azllm chat` does.
+is sent again (the system prompt is kept), as `azllm chat` does. When the server was started
+with --api-key the page shows an "API key" field and sends what is typed there as
+`Authorization: Bearer ...` (kept in the page only, never stored); the page itself is open.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ PAGE = """<!doctype html>
   label { display: block; font-size: 13px; margin: 12px 0 4px; color: var(--muted); }
   label output { float: right; color: var(--fg); }
   input[type=range], input[type=number], textarea { width: 100%; }
-  input[type=number] { font: inherit; padding: 6px 8px; border: 1px solid var(--line);
-                       border-radius: 6px; }
+  input[type=password] { width: 100%; }
+  input[type=number], input[type=password] { font: inherit; padding: 6px 8px;
+                                             border: 1px solid var(--line); border-radius: 6px; }
   textarea { font: inherit; padding: 8px; border: 1px solid var(--line); border-radius: 6px;
              resize: vertical; }
   main { flex: 1; display: flex; flex-direction: column; min-width: 0; }
@@ -56,6 +59,10 @@ PAGE = """<!doctype html>
 <aside>
   <h1>azllm chat</h1>
   <div class="model" id="model">__NAME__ · context __CTX__ tokens</div>
+  <div id="key-box" __KEY_HIDDEN__>
+    <label for="api-key">API key</label>
+    <input id="api-key" type="password" autocomplete="off" placeholder="--api-key of the server">
+  </div>
   <label for="system">System prompt</label>
   <textarea id="system" rows="4" placeholder="Sən faydalı köməkçisən."></textarea>
   <label for="temperature">Temperature <output id="temperature-out">0.8</output></label>
@@ -135,9 +142,12 @@ async function send(text) {
     for (;;) {
       const system = $("system").value.trim();
       const messages = (system ? [{ role: "system", content: system }] : []).concat(history);
+      const headers = { "Content-Type": "application/json" };
+      const key = $("api-key").value.trim();
+      if (key) headers["Authorization"] = "Bearer " + key;
       const response = await fetch("/v1/chat/completions", {
         method: "POST",
-        headers: { "Content-Type": "application/json" },
+        headers,
         signal: controller.signal,
         body: JSON.stringify({
           model: MODEL, messages, stream: true, stream_options: { include_usage: true },
@@ -214,10 +224,12 @@ $("reset").addEventListener("click", () => {
 """
 
 
-def render_page(name: str, context: int) -> str:
-    """The page for this model (its name and context filled in, escaped)."""
+def render_page(name: str, context: int, needs_key: bool = False) -> str:
+    """The page for this model (its name and context filled in, escaped); `needs_key` shows
+    the API key field."""
     return (
-        PAGE.replace("__MODEL_JSON__", json.dumps(name).replace("<", "\\u003c"))
+        PAGE.replace("__KEY_HIDDEN__", "" if needs_key else "hidden")
+        .replace("__MODEL_JSON__", json.dumps(name).replace("<", "\\u003c"))
         .replace("__NAME__", html.escape(name))
         .replace("__CTX__", str(context))
         .replace("__MAXTOK__", str(max(1, min(256, context // 2))))

@@ -13,9 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from azllm.errors import AzllmError
+from azllm.sampling import SamplingSettings
 
 # Sampling defaults shared by every export, the same as `azllm generate`'s defaults.
-SAMPLING = {"temperature": 0.8, "top_k": 50}
+SAMPLING = SamplingSettings()  # what exported models recommend: the project's defaults
 
 
 def load_for_export(run_dir: str | Path, weights: str = "model"):
