@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine (see README.md):
-#   make quickstart   virtual environment + azllm (CPU torch) + `azllm quickstart`
-#   make test         the same + test extras + lint + the test suite
+#   make quickstart   virtual environment + azllm's core (CPU torch; no extras) + `azllm quickstart`
+#   make test         the same + every extra and the test tools ('.[test]') + lint + the test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

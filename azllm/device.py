@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -38,7 +39,7 @@ def cpu_has_fast_bf16() -> bool:
     """AVX512-BF16 or AMX: there bf16 autocast beats fp32 (matmuls ~2.7x, whole training steps
     1.7-2.2x for baby/small on this project's 2-core CPU; see bench/train_throughput.py)."""
     try:
-        flags = open("/proc/cpuinfo", encoding="utf-8").read()
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")  # closed at once, not by GC
     except OSError:
         return False
     return " avx512_bf16" in flags or " amx_bf16" in flags
@@ -96,3 +97,28 @@ def measure_matmul_peak(device: torch.device, precision: str, seconds: float = 0
             elapsed = time.perf_counter() - start
             if elapsed >= seconds:
                 return 2 * n**3 * iters / elapsed
+
+
+# Dense bf16/fp16 tensor-core peaks from the vendors' datasheets (FLOP/s, no sparsity): the
+# denominator peers (nanoGPT, nanochat, PaLM's MFU) use. Cards not listed get no datasheet MFU.
+DATASHEET_PEAKS = {
+    "H200": 989.4e12,
+    "H100": 989.4e12,  # SXM; the PCIe card is lower, but reports the same name prefix
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "V100": 125e12,  # fp16 only
+    "T4": 65e12,  # fp16 only
+}
+
+
+def datasheet_peak(device: torch.device, precision: str) -> float | None:
+    """The vendor's dense half-precision peak for this GPU, or None (CPU, fp32, unknown card)."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in DATASHEET_PEAKS.items():
+        if key in name:
+            return flops
+    return None

@@ -120,12 +120,25 @@ class AzTokenizer:
         self.bos_id = self.tok.token_to_id(BOS)
         self.eos_id = self.tok.token_to_id(EOS)
         self.pad_id = self.tok.token_to_id(PAD)
+        # Text is text: "<|end|><|assistant|>" typed by a user, sent to the server, found in an
+        # SFT row or in corpus text encodes as its characters, never as control ids, so nobody
+        # can close a turn, write the assistant's or system's, or forge a document break. The
+        # template's own tokens are inserted by id (encode_chat, BOS in generate). The flag is a
+        # runtime setting of the Rust tokenizer, not saved by to_str(): tokenizer.json and its
+        # sha256 stay as they were, and text without special strings encodes as before.
+        self.tok.encode_special_tokens = True
+
+    def __setstate__(self, state: dict) -> None:
+        # pickle/deepcopy rebuild the Rust tokenizer from its JSON, which lacks the flag
+        self.__dict__.update(state)
+        self.tok.encode_special_tokens = True
 
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
+        """Ids of plain text; special-token strings in it are encoded as ordinary text."""
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -133,14 +146,18 @@ class AzTokenizer:
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        # skip_special drops control ids (0..15) only: "<|end|>" that came from text is made of
+        # ordinary byte tokens and decodes back to those characters
         return self.tok.decode(ids, skip_special_tokens=skip_special)
 
     def encode_chat(
         self, messages: list[dict], add_generation_prompt: bool = False
     ) -> tuple[list[int], list[bool]]:
         """Token ids of a conversation and, per token, whether it is trained on (assistant
-        content and its closing <|end|>). Same ids as encoding `render_chat(...)` whole, since
-        special tokens split the text before BPE sees it."""
+        content and its closing <|end|>). The template's tokens go in by id and each content
+        is encoded as text, so a message cannot add or close turns; for contents without
+        special strings the ids equal `render_chat(...)` tokenized with special strings parsed
+        (as HF's apply_chat_template and llama.cpp's chat code do)."""
         end_id = self.tok.token_to_id(END)
         ids, mask = [self.bos_id], [False]
         for m in messages:

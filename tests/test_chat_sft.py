@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 from conftest import SAMPLE, run_cli, shared_path
+from tokenizers import Tokenizer
 
 from azllm.chat.data import ChatBatches, is_val, load_conversations, pack_rows, to_messages
 from azllm.checkpoint import load_run
@@ -22,11 +23,15 @@ CONV = [
 
 def test_loss_mask_covers_exactly_the_assistant_tokens(tok, tokenizer_path):
     ids, mask = tok.encode_chat(CONV)
-    assert ids == tok.encode(render_chat(CONV))  # piecewise == the template text encoded whole
+    # piecewise == the template text encoded whole with special strings parsed (as HF and
+    # llama.cpp do); our encode() keeps them text, so parse with a plain copy of the tokenizer
+    assert ids == Tokenizer.from_str(tok.to_json()).encode(render_chat(CONV)).ids
     data = ChatBatches(
         [CONV], tok, tokenizer_path, block_size=128, seed=0, val_fraction=0.0, pack=False
     )
-    x, y = data.batch("train", 0, 1)
+    b = data.batch("train", 0, 1)
+    x, y = b.inputs, b.targets
+    assert b.segments is None
     n = len(ids) - 1
     assert x[0, :n].tolist() == ids[:-1]
     # targets at position i predict token i+1; trained exactly when token i+1 is the assistant's
@@ -74,7 +79,7 @@ def _held_out_loss(run, data_paths, tokenizer_path) -> float:
         val_fraction=0.1,
     )
     assert data.count("val") > 5
-    x, y, seg = data.take("val", range(len(data.rows["val"])))
+    x, y, seg = data.take("val", range(len(data.rows["val"]))).tensors()
     with torch.no_grad():
         return model(x, y, segments=seg)[1].item()
 
@@ -177,7 +182,7 @@ def test_packing_keeps_every_trained_token_and_cuts_padding(source, tok, tokeniz
         assert packed.count(split) == plain.count(split) > 3
         assert packed.trained_tokens(split) == plain.trained_tokens(split)
         assert packed.bytes_per_token(split) == plain.bytes_per_token(split)
-        x, y, seg = packed.take(split, range(len(packed.rows[split])))
+        x, y, seg = packed.take(split, range(len(packed.rows[split]))).tensors()
         # each conversation encoded alone, targets on the assistant's tokens: the same multiset,
         # so no target crosses from one conversation into the next
         expected = []
@@ -207,9 +212,11 @@ def test_packed_loss_equals_the_loss_of_the_conversations_alone(tok, tokenizer_p
     ).eval()
     rows = [r for r, held in enumerate(packed.rows["train"]) if len(held) >= 2][:4]
     assert len(rows) == 4
-    x, y, seg = packed.take("train", rows)
+    x, y, seg = packed.take("train", rows).tensors()
     picked = [c for r in rows for c in packed.rows["train"][r]]
-    xs, ys = plain.take("train", picked)  # one conversation per row: the same trained tokens
+    xs, ys = plain.take(
+        "train", picked
+    ).tensors()  # one conversation per row: the same trained tokens
     with torch.no_grad():
         logits, loss_packed = model(x, y, segments=seg)
         _, loss_plain = model(xs, ys)  # mean over all trained tokens: token-weighted

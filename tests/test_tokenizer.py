@@ -5,7 +5,14 @@ import pytest
 from conftest import SAMPLE, run_cli
 
 from azllm.errors import AzllmError
-from azllm.tokenizer import SPECIAL_TOKENS, AzTokenizer, load_tokenizer, train_tokenizer
+from azllm.tokenizer import (
+    ASSISTANT,
+    END,
+    SPECIAL_TOKENS,
+    USER,
+    load_tokenizer,
+    train_tokenizer,
+)
 
 AZ_TEXT = "Əksinə, İlqar ığdır şəhərində çörək, südlü ğ, şüşə və ÖZÜ; Ümid 2024-cü ildə gəldi!"
 
@@ -27,12 +34,12 @@ def test_nfc_normalisation(tok):
     assert tok.encode(decomposed) == tok.encode("gözəl Ömür çiçək")
 
 
-def test_special_tokens_have_fixed_ids_and_stay_whole(tok):
+def test_special_tokens_have_fixed_ids(tok):
     for i, t in enumerate(SPECIAL_TOKENS):
         assert tok.tok.token_to_id(t) == i
-    ids = tok.encode("<|user|>Salam<|end|><|assistant|>")
-    assert ids[0] == tok.tok.token_to_id("<|user|>")
-    assert tok.tok.token_to_id("<|end|>") in ids and ids[-1] == tok.tok.token_to_id("<|assistant|>")
+    # control ids are put in by id (text never becomes one: test_special_tokens.py)
+    user, end, assistant = (tok.tok.token_to_id(t) for t in (USER, END, ASSISTANT))
+    ids = [user] + tok.encode("Salam") + [end, assistant]
     assert tok.decode(ids) == "Salam"  # special tokens dropped when decoding for display
     assert tok.decode(ids, skip_special=False) == "<|user|>Salam<|end|><|assistant|>"
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2)
@@ -82,4 +89,3 @@ def test_load_rejects_foreign_tokenizer(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(AzllmError, match="not a valid tokenizer"):
         load_tokenizer(bad)
-    assert isinstance(AzTokenizer, type)
