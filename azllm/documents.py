@@ -1,47 +1,56 @@
 """Reading training text: files and folders in, a stream of documents out.
 
 This is the small reader the tokenizer and shard stages use; `azllm corpus build` has the full
-set (Wikipedia dumps, HTML, WARC, Parquet, cleaning). Formats here:
+set (Wikipedia dumps, HTML, WARC, Parquet, cleaning). Finding the files (folders walked in
+sorted order, hidden files and folders skipped, formats detected) and opening them
+(gzip/bz2/xz/zstd) is the corpus readers' one implementation (corpus/readers.expand_inputs,
+corpus/formats.open_binary); the documents of a file are read here, strictly. Formats:
 
-- `.txt` (optionally `.gz`/`.zst`): one document per blank-line-separated block; a file with
-  no blank line at all (a verse per line, a sentence per line) is one document per line, so that
-  such a file still splits into many documents for the train/val split.
-- `.jsonl` (optionally `.gz`/`.zst`): one JSON object per line with a `"text"` field.
+- `.txt` (optionally `.gz`/`.bz2`/`.xz`/`.zst`): one document per blank-line-separated block;
+  a file with no blank line at all (a verse per line, a sentence per line) is one document per
+  line, so that such a file still splits into many documents for the train/val split.
+- `.jsonl` (optionally compressed): one JSON object per line with a `"text"` field.
 - a folder: every such file below it, in sorted order. A folder written by `azllm corpus build`
   (it holds `train.jsonl.zst` and `val.jsonl.zst`) keeps its own train/val split.
+
+A file that is not UTF-8, not valid JSON Lines, or truncated/corrupt (a compressed stream that
+ends early) is an AzllmError naming it: a tokenizer is not trained on part of the data quietly.
 """
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
+from azllm.corpus.formats import STREAM_ERRORS, UnknownFormat, detect_format, open_binary
+from azllm.corpus.readers import describe_error, expand_inputs
 from azllm.errors import AzllmError
 
-TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.zst", ".jsonl", ".jsonl.gz", ".jsonl.zst")
+_TEXT = (".txt", ".jsonl")
+_COMPRESSED = ("", ".gz", ".bz2", ".xz", ".zst")
+TEXT_SUFFIXES = tuple(t + c for t in _TEXT for c in _COMPRESSED)
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    name = path.name
-    if name.endswith(".gz"):
-        raw = gzip.open(path, "rb")
-    elif name.endswith(".zst"):
-        import zstandard
-
-        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
-    else:
-        raw = open(path, "rb")
-    # strict decoding: a non-UTF-8 file is the user's to fix, not ours to guess
-    return io.TextIOWrapper(io.BufferedReader(raw), encoding="utf-8", errors="strict", newline="")
+def _format(path: Path) -> tuple[str, str | None]:
+    try:
+        return detect_format(path)
+    except UnknownFormat as e:
+        raise AzllmError(f"{path}: not a text or JSON Lines file ({e})") from None
+    except STREAM_ERRORS as e:
+        raise AzllmError(f"{path}: cannot read ({describe_error(e)})") from None
 
 
 def _read_lines(path: Path) -> Iterator[str]:
     lineno = 0
     try:
-        with _open_text(path) as f:
+        _, compression = _format(path)
+        # strict decoding: a non-UTF-8 file is the user's to fix, not ours to guess
+        with io.TextIOWrapper(
+            open_binary(path, compression), encoding="utf-8", errors="strict", newline=""
+        ) as f:
             for lineno, line in enumerate(f, 1):  # noqa: B007 (lineno is read in the except)
                 yield line
     except UnicodeDecodeError as e:
@@ -49,61 +58,73 @@ def _read_lines(path: Path) -> Iterator[str]:
             f"{path}: not UTF-8 text (bad byte near line {lineno + 1}: {e.reason}); "
             "convert it to UTF-8 or run `azllm corpus build` to repair it"
         ) from None
-    except (OSError, EOFError) as e:
-        raise AzllmError(f"{path}: cannot read ({e})") from None
+    except STREAM_ERRORS as e:  # truncated or corrupt compressed stream, unreadable file
+        raise AzllmError(
+            f"{path}: cannot read after line {lineno} ({describe_error(e)}); "
+            "fetch or copy the file again"
+        ) from None
 
 
 def _txt_documents(path: Path) -> Iterator[str]:
     # Streams: a first pass stops at the first blank line (or reads through a file that has none)
-    per_line = not any(not ln.strip() for ln in _read_lines(path))
+    with closing(_read_lines(path)) as lines:  # closed now, not whenever it is collected
+        per_line = not any(not ln.strip() for ln in lines)
     block: list[str] = []
-    for ln in _read_lines(path):
-        ln = ln.rstrip()
-        if per_line:
-            if ln.strip():
-                yield ln.strip()
-        elif ln.strip():
-            block.append(ln)
-        elif block:
-            yield "\n".join(block)
-            block = []
+    with closing(_read_lines(path)) as lines:
+        for ln in lines:
+            ln = ln.rstrip()
+            if per_line:
+                if ln.strip():
+                    yield ln.strip()
+            elif ln.strip():
+                block.append(ln)
+            elif block:
+                yield "\n".join(block)
+                block = []
     if block:
         yield "\n".join(block)
 
 
 def _jsonl_documents(path: Path) -> Iterator[str]:
-    for lineno, line in enumerate(_read_lines(path), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise AzllmError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        text = record.get("text") if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            raise AzllmError(f'{path}:{lineno}: expected an object with a string field "text"')
-        if text.strip():
-            yield text
+    with closing(_read_lines(path)) as lines:
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise AzllmError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            text = record.get("text") if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise AzllmError(f'{path}:{lineno}: expected an object with a string field "text"')
+            if text.strip():
+                yield text
 
 
-def expand_inputs(inputs: list[str | Path]) -> list[Path]:
-    """Files named directly and the text files found below named folders, in a stable order."""
-    files: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(
-                f for f in p.rglob("*") if f.is_file() and f.name.endswith(TEXT_SUFFIXES)
-            )
-            if not found:
-                raise AzllmError(f"{p}: folder has no text files ({', '.join(TEXT_SUFFIXES)})")
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise AzllmError(f"{p}: no such file or folder")
-    if not files:
+def text_files(inputs: list[str | Path]) -> list[Path]:
+    """Text and JSON Lines files named directly and found below named folders (TEXT_SUFFIXES
+    only there), in a stable order. A text file that cannot be opened is an error."""
+    if not inputs:
         raise AzllmError("no input files given")
+    found, skipped = expand_inputs(list(inputs))
+    named = {Path(i).resolve() for i in inputs if not Path(i).is_dir()}
+    files: list[Path] = []
+    for inp in found:
+        if inp.path in named:
+            if inp.fmt not in ("text", "jsonl"):
+                raise AzllmError(
+                    f"{inp.path}: {inp.fmt} input; turn it into a corpus folder first with "
+                    "`azllm corpus build`"
+                )
+        elif not (inp.path.name.endswith(TEXT_SUFFIXES) and inp.fmt in ("text", "jsonl")):
+            continue
+        files.append(inp.path)
+    for source, reason in skipped:
+        if source.endswith(TEXT_SUFFIXES):  # one of ours, but unreadable
+            raise AzllmError(f"{source}: cannot read ({reason})")
+    if not files:
+        folders = ", ".join(str(i) for i in inputs if Path(i).is_dir())
+        raise AzllmError(f"{folders}: folder has no text files ({', '.join(TEXT_SUFFIXES)})")
     return files
 
 
@@ -116,7 +137,7 @@ def split_hint(path: Path) -> str | None:
 
 def iter_documents(path: Path) -> Iterator[str]:
     """The documents of one file (see the module docstring for formats)."""
-    if ".jsonl" in path.suffixes or path.name.endswith((".jsonl.gz", ".jsonl.zst")):
+    if _format(path)[0] == "jsonl":
         yield from _jsonl_documents(path)
     else:
         yield from _txt_documents(path)
@@ -124,6 +145,6 @@ def iter_documents(path: Path) -> Iterator[str]:
 
 def iter_all_documents(inputs: list[str | Path], *, train_only: bool = False) -> Iterator[str]:
     """All documents of all inputs; train_only skips the val file of a built corpus folder."""
-    for path in expand_inputs(inputs):
+    for path in text_files(inputs):
         if not (train_only and split_hint(path) == "val"):
             yield from iter_documents(path)

@@ -186,25 +186,28 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
 def test_interrupted_run_leaves_no_output(tmp_path, sig):
     rng = random.Random(0)
     vocab = [w.strip(".,:") for p in AZ for w in p.split()]
-    with open(tmp_path / "big.txt", "w", encoding="utf-8") as f:
-        for _ in range(40_000):  # ~4 MB: many seconds of work
+    work = tmp_path / "work"
+    work.mkdir()
+    with open(work / "big.txt", "w", encoding="utf-8") as f:
+        for _ in range(4_000):  # several batches: the build is paused after the first
             f.write(" ".join(rng.choices(vocab, k=14)) + ".\n")
-    out = tmp_path / "out"
+    out, paused = work / "out", tmp_path / "paused"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "azllm.corpus", "build", "--input", str(tmp_path / "big.txt"),
+        [sys.executable, "-m", "azllm.corpus", "build", "--input", str(work / "big.txt"),
          "--out", str(out), "--workers", "2", "--no-progress"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "AZLLM_TEST_PAUSE": str(paused)},  # the build waits there for us
     )  # fmt: skip
-    deadline = time.time() + 60
-    while not any(p.name.startswith(".out.") for p in tmp_path.iterdir()):
+    deadline = time.time() + 120
+    while not paused.exists():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.05)
-    time.sleep(0.5)  # well inside the build
+        time.sleep(0.02)
+    assert any(p.name.startswith(".out.") for p in work.iterdir())  # inside the build
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0, err
     assert not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]  # no temporary left
+    assert sorted(p.name for p in work.iterdir()) == ["big.txt"]  # no temporary left
     assert "Traceback" not in err
 
 

@@ -221,7 +221,7 @@ _CONTROLS = re.compile(
 )
 _SPACES = re.compile("[\t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
 _SPACE_RUNS = re.compile("  +")
-_BLANK_RUNS = re.compile(r"\n{3,}")
+BLANK_RUNS = re.compile(r"\n{3,}")  # also used by filters.py and pipeline.py
 _CYRILLIC = re.compile("[\u0400-\u04ff]")
 _WORD = re.compile(r"[^\W\d_]+")
 # Cyrillic letters that look like Latin ones; a Latin word typed with one of them (often the
@@ -280,7 +280,7 @@ def normalize_az(text: str) -> str:
     if "  " in text:
         text = _SPACE_RUNS.sub(_squeeze, text)
     if "\n\n\n" in text:
-        text = _BLANK_RUNS.sub("\n\n", text)
+        text = BLANK_RUNS.sub("\n\n", text)
     return text.strip("\n")
 
 

@@ -95,7 +95,11 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
 
 
 def run_build(args: argparse.Namespace) -> int:
+    from azllm.errors import require
+
+    require("corpus", "azllm corpus build")
     if args.executor == "datatrove":
+        require("datatrove", "azllm corpus build --executor datatrove")
         from .datatrove_exec import run_build_datatrove
 
         return run_build_datatrove(args, config_from_args(args))

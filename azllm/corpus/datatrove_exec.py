@@ -56,7 +56,7 @@ from .minhash import MinHasher
 from .pipeline import _account, _check_args, _finish  # the plain path's in-order tail
 from .process import BuildConfig, Processed, process_document  # and its own stages
 from .readers import Document, InputFile, expand_inputs, read_documents
-from .report import Report, SplitWriter
+from .report import Report, SplitWriter, nothing_read
 
 try:  # an optional extra: this module imports without it, build_corpus_datatrove says what to do
     from datatrove.data import Document as DTDocument
@@ -307,6 +307,9 @@ def build_corpus_datatrove(
         raise AzllmError(f"--datatrove-executor must be one of {', '.join(EXECUTORS)}")
     _check_args(out_dir, cfg, force)
     files, skipped = expand_inputs(list(inputs), text_field=cfg.reader.text_field)
+    if not files:
+        reasons = [{"source": s, "reason": r} for s, r in skipped]
+        raise nothing_read(list(inputs), reasons, len(reasons))
     cores = len(os.sched_getaffinity(0))
     tasks = max(1, min(tasks or cores, len(files)))
     workers = min(cfg.workers or cores, tasks)

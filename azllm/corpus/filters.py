@@ -29,11 +29,12 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from itertools import accumulate
 
 import numpy as np
 
+from .clean import BLANK_RUNS
 from .dedup import Words, normalize
 from .dedup import words as word_table
 from .wiki import strip_wiki_markup
@@ -102,7 +103,6 @@ _WIKI_KEYS = ("[[", "]]", "{{", "}}", "''", "|", "<", "&", "__", "px", "thumb", 
 _MENU_SEPARATORS = re.compile(r"\s*[|•·»›]\s*")
 _MENU_HINT = re.compile(r"[|•·»›].*[|•·»›].*[|•·»›]")
 _LETTERLESS = re.compile(r"^(?:[^\w\n]|[\d_])+$", re.MULTILINE)
-_BLANK_RUNS = re.compile(r"\n{3,}")
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,32 @@ class FilterConfig:
     strip_wiki: bool = True
     remove_boilerplate: bool = True
     drop_letterless_lines: bool = True
+
+    # Derived configs, made once per config and kept on it (cached_property writes to the
+    # instance's __dict__, which a frozen dataclass allows; it is not a field, so equality,
+    # asdict and the report ignore it). A cache keyed by id() could hand a new config the
+    # entry of a collected one whose id was reused.
+
+    @cached_property
+    def verse(self) -> FilterConfig:
+        """This config with the verse limits in place of the prose ones."""
+        return replace(
+            self,
+            max_dup_lines=self.verse_max_dup_lines,
+            max_dup_line_chars=self.verse_max_dup_lines,
+            max_dup_paragraphs=self.verse_max_dup_lines,
+            max_dup_paragraph_chars=self.verse_max_dup_lines,
+            top_ngram={n: max(v, self.verse_max_top_ngram) for n, v in self.top_ngram.items()},
+            dup_ngram={n: max(v, self.verse_max_dup_ngram) for n, v in self.dup_ngram.items()},
+            min_stop_words=min(self.min_stop_words, self.verse_min_stop_words),
+        )
+
+    @cached_property
+    def non_az(self) -> FilterConfig:
+        """For a language other than Azerbaijani: no Azerbaijani stop-word rule."""
+        if self.stop_words != AZ_STOP_WORDS:
+            return self
+        return replace(self, min_stop_words=0, verse_min_stop_words=0)
 
 
 # --- line level ---------------------------------------------------------------------------------
@@ -197,7 +223,7 @@ def clean_lines(text: str, cfg: FilterConfig) -> tuple[str, Counter[str]]:
         out.append(line)
     if not removed and not wiki:
         return text, removed
-    cleaned = _BLANK_RUNS.sub("\n\n", "\n".join(out)).strip("\n")
+    cleaned = BLANK_RUNS.sub("\n\n", "\n".join(out)).strip("\n")
     return cleaned, removed
 
 
@@ -241,28 +267,9 @@ def is_verse(text: str) -> bool:
     return len(lines) >= 4 and sum(len(ln) <= 80 for ln in lines) >= 0.8 * len(lines)
 
 
-_VERSE_CONFIGS: dict[int, tuple[FilterConfig, FilterConfig]] = {}
-
-
 def verse_config(cfg: FilterConfig) -> FilterConfig:
     """`cfg` with the verse limits in place of the prose ones (made once per config)."""
-    cached = _VERSE_CONFIGS.get(id(cfg))
-    if cached is not None and cached[0] is cfg:
-        return cached[1]
-    verse = replace(
-        cfg,
-        max_dup_lines=cfg.verse_max_dup_lines,
-        max_dup_line_chars=cfg.verse_max_dup_lines,
-        max_dup_paragraphs=cfg.verse_max_dup_lines,
-        max_dup_paragraph_chars=cfg.verse_max_dup_lines,
-        top_ngram={n: max(v, cfg.verse_max_top_ngram) for n, v in cfg.top_ngram.items()},
-        dup_ngram={n: max(v, cfg.verse_max_dup_ngram) for n, v in cfg.dup_ngram.items()},
-        min_stop_words=min(cfg.min_stop_words, cfg.verse_min_stop_words),
-    )
-    if len(_VERSE_CONFIGS) > 32:
-        _VERSE_CONFIGS.clear()
-    _VERSE_CONFIGS[id(cfg)] = (cfg, verse)
-    return verse
+    return cfg.verse
 
 
 def quality_reason(text: str, words: Words, cfg: FilterConfig) -> str | None:

@@ -1,6 +1,12 @@
 """What a corpus file is and how to open it: format by extension or by sniffing the first
 bytes, compression by extension or magic bytes, and a decompressed binary stream that can report
 the raw bytes read (for a progress bar over compressed input).
+
+A compressed stream that ends before its end-of-stream marker (a truncated download, a copy cut
+short) raises EOFError when read to the end, for every compression: gzip, bz2 and xz do so
+themselves; zstandard's stream reader just stops, so zstd goes through `_ZstdReader`. The
+readers turn that into a skipped file with its reason, never into silently partial data.
+This module is the one place compressed input is opened (azllm/documents.py uses it too).
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ import bz2
 import gzip
 import io
 import lzma
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -35,6 +42,52 @@ _MAGIC = (
 
 class UnknownFormat(ValueError):
     pass
+
+
+# What reading a damaged file can raise (gzip: BadGzipFile is an OSError, zlib.error for bad
+# data; bz2: OSError; xz: LZMAError; zstd: ZstdError; truncation: EOFError).
+STREAM_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
+
+
+class _ZstdReader(io.RawIOBase):
+    """zstd frames one after another, decompressed; EOFError if the input ends inside a frame.
+
+    The input is fed in small pieces: one piece's output is held at once, and zstd expands
+    text by ~3-10x (at most 128 KiB out per few bytes in, for runs of one byte)."""
+
+    _PIECE = 1 << 15
+
+    def __init__(self, raw: IO[bytes]):
+        self._raw = raw
+        self._dctx = zstandard.ZstdDecompressor()
+        self._frame = None  # the decompressor of the frame being read
+        self._buf = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._buf:
+            data = self._raw.read(self._PIECE)
+            if not data:
+                if self._frame is not None and not self._frame.eof:
+                    raise EOFError("zstd stream ended inside a frame (truncated file)")
+                return 0
+            out = []
+            while data:
+                if self._frame is None or self._frame.eof:
+                    self._frame = self._dctx.decompressobj()
+                out.append(self._frame.decompress(data))
+                data = self._frame.unused_data if self._frame.eof else b""
+            self._buf = memoryview(b"".join(out))
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 class _CountingReader(io.RawIOBase):
@@ -71,8 +124,7 @@ def open_binary(
     if compression == "xz":
         return lzma.LZMAFile(raw, "rb")
     if compression == "zstd":
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-        return io.BufferedReader(reader, buffer_size=1 << 20)
+        return io.BufferedReader(_ZstdReader(raw), buffer_size=1 << 20)
     return io.BufferedReader(raw, buffer_size=1 << 20)
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import re
 import signal
 import threading
 import time
@@ -36,12 +35,11 @@ from tqdm import tqdm
 from azllm.atomic import atomic_dir
 from azllm.errors import AzllmError
 
+from .clean import BLANK_RUNS
 from .dedup import Deduplicator, pack_ref, unpack_ref
 from .process import BuildConfig, Processed, _init_worker, _nbytes, process_batch
 from .readers import Document, expand_inputs, read_documents
-from .report import Report, SplitWriter
-
-_BLANK_RUNS = re.compile(r"\n{3,}")
+from .report import Report, SplitWriter, nothing_read
 
 
 def _batches(docs: Iterable[Document], max_bytes: int) -> Iterator[list[Document]]:
@@ -143,6 +141,16 @@ def _check_stop() -> None:
         raise _Terminated()
 
 
+def _pause_for_tests() -> None:
+    # With AZLLM_TEST_PAUSE=FILE the build creates FILE once its first document is accounted for
+    # (temporary folder made, workers running) and waits there for SIGINT/SIGTERM: tests
+    # interrupt it at this known point instead of after a guessed delay.
+    path = os.environ.get("AZLLM_TEST_PAUSE")
+    if path and not os.path.exists(path):
+        Path(path).touch()
+        _STOP.wait(timeout=600)
+
+
 def build_corpus(
     inputs: list[str | Path],
     out_dir: str | Path,
@@ -201,11 +209,14 @@ def build_corpus(
                 for p in results:
                     _check_stop()
                     _account(p, report, dedup, writer, file_index, members)
+                    _pause_for_tests()
                 _check_stop()
             finally:
                 results.close()  # stops the worker pool now, not at interpreter exit (can hang)
                 bar.close()
                 writer.close()
+            if report.stages["read"].docs == 0:  # raised here, the temporary folder goes too
+                raise nothing_read(list(inputs), report.skipped_files, report.skipped_file_count)
             report.seconds = time.time() - started
             _finish(report, dedup, files, members)
             (tmp / "report.json").write_text(report.to_json(), encoding="utf-8")
@@ -256,7 +267,7 @@ def _account(
         if verdict.drop_lines:
             lines = text.split("\n")
             text = "\n".join(ln for i, ln in enumerate(lines) if i not in verdict.drop_lines)
-            text = _BLANK_RUNS.sub("\n\n", text).strip("\n")
+            text = BLANK_RUNS.sub("\n\n", text).strip("\n")
             report.removed_lines["duplicate"] += verdict.dup_lines
             report.removed_lines["duplicate_variant"] += verdict.variant_lines
             other = len(verdict.drop_lines) - verdict.dup_lines - verdict.variant_lines

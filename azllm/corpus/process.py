@@ -12,12 +12,11 @@ for a worker's batch, with the language ID of the batch run back to back.
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from .clean import clean_text
 from .dedup import DedupKeys, Words, dedup_keys, normalize_lines, words
 from .filters import (
-    AZ_STOP_WORDS,
     FilterConfig,
     clean_lines,
     document_reason,
@@ -176,20 +175,7 @@ def process_document(doc: Document, cfg: BuildConfig, minhasher: MinHasher | Non
 
 def _filters_for(cfg: BuildConfig) -> FilterConfig:
     """The Azerbaijani stop-word rule only makes sense for Azerbaijani."""
-    if cfg.lang == "az":
-        return cfg.filters
-    cached = _NON_AZ_FILTERS.get(id(cfg.filters))
-    if cached is None or cached[0] is not cfg.filters:  # once per config, not per document
-        f = cfg.filters
-        if f.stop_words == AZ_STOP_WORDS:
-            f = replace(f, min_stop_words=0, verse_min_stop_words=0)
-        cached = (cfg.filters, f)
-        _NON_AZ_FILTERS.clear()
-        _NON_AZ_FILTERS[id(cfg.filters)] = cached
-    return cached[1]
-
-
-_NON_AZ_FILTERS: dict[int, tuple[FilterConfig, FilterConfig]] = {}
+    return cfg.filters if cfg.lang == "az" else cfg.filters.non_az
 
 
 _WORKER: dict = {}

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import zstandard
 
+from azllm.errors import AzllmError
+
 from .dedup import hash64
 
 STAGES = ("read", "extract", "clean", "lines", "language", "filters", "dedup", "output")
@@ -210,3 +212,14 @@ class SplitWriter:
             self._files[split].flush()
             os.fsync(self._files[split].fileno())
             self._files[split].close()
+
+
+def nothing_read(inputs: list, skipped: list[dict], skipped_count: int) -> AzllmError:
+    """The error for a build that read no document at all (an empty corpus helps nobody)."""
+    names = ", ".join(map(str, inputs[:3])) + (" ..." if len(inputs) > 3 else "")
+    if skipped:
+        first = skipped[0]
+        why = f"{skipped_count} file(s) skipped, e.g. {first['source']}: {first['reason']}"
+    else:
+        why = "the input files hold no text"
+    return AzllmError(f"--input {names}: no document could be read ({why}); check the inputs")

@@ -22,8 +22,6 @@ from collections.abc import Iterator
 from typing import IO
 from xml.etree.ElementTree import iterparse
 
-import mwparserfromhell
-
 # Namespaces whose links are not text: files, categories (English + Azerbaijani names).
 _DROP_LINK_NS = {
     "file", "image", "media", "category", "fayl", "şəkil", "təsvir", "kateqoriya",
@@ -105,6 +103,9 @@ def _remove(code, node) -> None:
 
 def wikitext_to_text(wikitext: str) -> str:
     """Plain text of an article: prose paragraphs and headings, no markup."""
+    # imported here: it is in the 'corpus' extra, and `azllm` builds its parser from this package
+    import mwparserfromhell
+
     code = mwparserfromhell.parse(wikitext)
     out: list[str] = []
     for section in code.get_sections(flat=True, include_lead=True):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from azllm.errors import require
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="the run directory to export")
@@ -47,6 +49,7 @@ def cmd_export_hf(args) -> int:
 
 
 def cmd_export_gguf(args) -> int:
+    require("gguf", "azllm export gguf", modules=["gguf"])  # K-quants also need llama_cpp
     from azllm.export.gguf import export_gguf
 
     out = export_gguf(args.run, args.out, args.type, weights=args.weights, force=args.force)
@@ -56,6 +59,7 @@ def cmd_export_gguf(args) -> int:
 
 
 def cmd_export_ollama(args) -> int:
+    require("gguf", "azllm export ollama", modules=["gguf"])  # K-quants also need llama_cpp
     from azllm.export.ollama import export_ollama
 
     out, command = export_ollama(

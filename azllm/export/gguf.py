@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from azllm.atomic import temp_path, terminate_raises, writing
 from azllm.config import ModelConfig
 from azllm.errors import AzllmError
 from azllm.export import SAMPLING, check_out_file, load_for_export, state_tensors
@@ -84,7 +85,7 @@ def gguf_tensors(model, cfg: ModelConfig) -> list[tuple[str, np.ndarray]]:
             out += [
                 (g + "attn_norm.weight", t[b + "attn_norm.weight"]),
                 (g + "attn_q.weight", permute_rope(t[b + "attn.q_proj.weight"], cfg.n_head)),
-                (g + "attn_k.weight", permute_rope(t[b + "attn.k_proj.weight"], cfg.n_kv_head)),
+                (g + "attn_k.weight", permute_rope(t[b + "attn.k_proj.weight"], cfg.kv_heads)),
                 (g + "attn_v.weight", t[b + "attn.v_proj.weight"]),
                 (g + "attn_output.weight", t[b + "attn.o_proj.weight"]),
                 (g + "ffn_norm.weight", t[b + "mlp_norm.weight"]),
@@ -175,10 +176,10 @@ def add_metadata(w, cfg: ModelConfig, tok: AzTokenizer, name: str, file_type: in
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_context_length(cfg.block_size)
     w.add_embedding_length(cfg.n_embd)
-    w.add_feed_forward_length(cfg.ffn_hidden)
+    w.add_feed_forward_length(cfg.ffn_dim)
     w.add_block_count(cfg.n_layer)
     w.add_head_count(cfg.n_head)
-    w.add_head_count_kv(cfg.n_kv_head)
+    w.add_head_count_kv(cfg.kv_heads)
     if cfg.arch == "llama":
         w.add_vocab_size(cfg.vocab_size)
         w.add_rope_freq_base(cfg.rope_theta)
@@ -202,8 +203,8 @@ def add_metadata(w, cfg: ModelConfig, tok: AzTokenizer, name: str, file_type: in
     w.add_add_bos_token(False)
     w.add_add_eos_token(False)
     w.add_chat_template(CHAT_TEMPLATE_JINJA)
-    w.add_sampling_temp(SAMPLING["temperature"])
-    w.add_sampling_top_k(SAMPLING["top_k"])
+    w.add_sampling_temp(SAMPLING.temperature)
+    w.add_sampling_top_k(SAMPLING.top_k)
 
 
 # ---- writing ---------------------------------------------------------------------------------
@@ -289,6 +290,29 @@ def fallback_note(path: Path) -> str | None:
     )
 
 
+def check_kind(kind: str) -> str:
+    """The --type, lower-cased, with what it needs installed (before any work is done)."""
+    kind = kind.lower()
+    if kind not in TYPES:
+        raise AzllmError(f"--type {kind}: not one of {', '.join(TYPES)}")
+    require_gguf()
+    if kind in LLAMA_CPP_TYPES:
+        require_llama_cpp(f"--type {kind} (llama.cpp's K-quant quantizer; or use --type q8_0)")
+    return kind
+
+
+def write_gguf_file(model, tok: AzTokenizer, cfg: ModelConfig, out: Path, kind: str, name: str):
+    """Any kind to `out`, atomically: written under temporary names (.NAME.PID.tmp and, for
+    K-quants, .NAME.PID.f32.tmp) that are removed on every exit, then renamed."""
+    with temp_path(out) as tmp, temp_path(out, "f32") as src:
+        if kind in LLAMA_CPP_TYPES:
+            write_gguf(model, tok, cfg, src, "f32", name)
+            quantize_gguf(src, tmp, kind)
+        else:
+            write_gguf(model, tok, cfg, tmp, kind, name)
+        os.replace(tmp, out)
+
+
 def export_gguf(
     run_dir: str | Path,
     out: str | Path,
@@ -298,29 +322,14 @@ def export_gguf(
     force: bool = False,
 ) -> Path:
     """Write RUN as a GGUF of the given kind; the file appears complete or not at all."""
-    kind = kind.lower()
-    if kind not in TYPES:
-        raise AzllmError(f"--type {kind}: not one of {', '.join(TYPES)}")
-    require_gguf()
-    if kind in LLAMA_CPP_TYPES:  # fail before the work, not after it
-        require_llama_cpp(f"--type {kind} (llama.cpp's K-quant quantizer; or use --type q8_0)")
+    kind = check_kind(kind)
     out = Path(out)
     check_out_file(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with writing(out):  # fail before the work, not after it
+        out.parent.mkdir(parents=True, exist_ok=True)
     model, tok, cfg = load_for_export(run_dir, weights)
-    name = Path(run_dir).resolve().name
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    src = out.with_name(f".{out.name}.{os.getpid()}.f32.tmp")
-    try:
-        if kind in LLAMA_CPP_TYPES:
-            write_gguf(model, tok, cfg, src, "f32", name)
-            quantize_gguf(src, tmp, kind)
-        else:
-            write_gguf(model, tok, cfg, tmp, kind, name)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-        src.unlink(missing_ok=True)
+    with terminate_raises(), writing(out):  # SIGTERM too removes the temporary files
+        write_gguf_file(model, tok, cfg, out, kind, Path(run_dir).resolve().name)
     return out
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from azllm.atomic import atomic_dir
+from azllm.atomic import atomic_dir, terminate_raises, writing
 from azllm.config import ModelConfig
 from azllm.export import SAMPLING, check_out_dir, load_for_export, state_tensors
 from azllm.tokenizer import (
@@ -43,10 +43,10 @@ def hf_config(cfg: ModelConfig, tok: AzTokenizer) -> dict:
             "model_type": "llama",
             "vocab_size": cfg.vocab_size,
             "hidden_size": cfg.n_embd,
-            "intermediate_size": cfg.ffn_hidden,
+            "intermediate_size": cfg.ffn_dim,
             "num_hidden_layers": cfg.n_layer,
             "num_attention_heads": cfg.n_head,
-            "num_key_value_heads": cfg.n_kv_head,
+            "num_key_value_heads": cfg.kv_heads,
             "head_dim": cfg.head_dim,
             "hidden_act": "silu",
             "max_position_embeddings": cfg.block_size,
@@ -72,7 +72,7 @@ def hf_config(cfg: ModelConfig, tok: AzTokenizer) -> dict:
         "n_embd": cfg.n_embd,
         "n_layer": cfg.n_layer,
         "n_head": cfg.n_head,
-        "n_inner": cfg.ffn_hidden,
+        "n_inner": cfg.ffn_dim,
         "activation_function": "gelu_new",  # tanh-approximated GELU, as our model uses
         "layer_norm_epsilon": cfg.norm_eps,
         "resid_pdrop": 0.0,
@@ -137,7 +137,8 @@ def tokenizer_files(tok: AzTokenizer, cfg: ModelConfig) -> dict[str, str]:
         "unk_token": None,
         "additional_special_tokens": extra,
         # our tokenizer.json has no post-processor: nothing is added to encode() output, so
-        # AutoTokenizer(text).input_ids equals AzTokenizer.encode(text)
+        # AutoTokenizer(text).input_ids equals AzTokenizer.encode(text) (for text holding special
+        # strings only with split_special_tokens=True; not saved here, see README "Special tokens")
         "add_bos_token": False,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
@@ -162,8 +163,8 @@ def generation_config(cfg: ModelConfig, tok: AzTokenizer) -> dict:
         "eos_token_id": [tok.eos_id, tok.tok.token_to_id(END)],
         "pad_token_id": tok.pad_id,
         "do_sample": True,
-        "temperature": SAMPLING["temperature"],
-        "top_k": SAMPLING["top_k"],
+        "temperature": SAMPLING.temperature,
+        "top_k": SAMPLING.top_k,
         "max_length": cfg.block_size,
     }
 
@@ -172,12 +173,18 @@ def export_hf(
     run_dir: str | Path, out_dir: str | Path, *, weights: str = "model", force: bool = False
 ) -> Path:
     """Write the HF folder (atomically: it appears complete or not at all)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     check_out_dir(out, force)
     model, tok, cfg = load_for_export(run_dir, weights)
-    with atomic_dir(out, replace=True) as tmp:
+    # safetensors reports a full disk as SafetensorError(... StorageFull ...), not OSError
+    with (
+        terminate_raises(),
+        writing(out, errors=(SafetensorError,)),
+        atomic_dir(out, replace=True) as tmp,
+    ):
         save_file(
             hf_state_dict(model, cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"}
         )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from azllm.atomic import atomic_dir
+from azllm.atomic import atomic_dir, terminate_raises, writing
 from azllm.errors import AzllmError
 from azllm.export import SAMPLING, check_out_dir
 from azllm.tokenizer import ASSISTANT, BOS, END, EOS, SYSTEM, USER
@@ -35,8 +35,8 @@ def modelfile(gguf_name: str, block_size: int) -> str:
         f'TEMPLATE """{TEMPLATE}"""',
         *(f'PARAMETER stop "{s}"' for s in STOPS),
         f"PARAMETER num_ctx {block_size}",
-        f"PARAMETER temperature {SAMPLING['temperature']}",
-        f"PARAMETER top_k {SAMPLING['top_k']}",
+        f"PARAMETER temperature {SAMPLING.temperature}",
+        f"PARAMETER top_k {SAMPLING.top_k}",
         "PARAMETER num_gpu 99",  # offload every layer to the GPU when there is one
     ]
     return "\n".join(lines) + "\n"
@@ -62,15 +62,16 @@ def export_ollama(
     force: bool = False,
 ) -> tuple[Path, str]:
     """Write DIR/{name}-{kind}.gguf and DIR/Modelfile; return (DIR, the ollama create command)."""
-    from azllm.config import load_run_config
-    from azllm.export.gguf import export_gguf
+    from azllm.export import load_for_export
+    from azllm.export.gguf import check_kind, write_gguf_file
 
+    kind = check_kind(kind)
     out = Path(out_dir)
     check_out_dir(out, force)
     name = model_name(Path(run_dir), name)
-    cfg = load_run_config(Path(run_dir)).model
-    gguf_name = f"{name.replace(':', '-')}-{kind.lower()}.gguf"
-    with atomic_dir(out, replace=True) as tmp:
-        export_gguf(run_dir, tmp / gguf_name, kind, weights=weights)
+    model, tok, cfg = load_for_export(run_dir, weights)
+    gguf_name = f"{name.replace(':', '-')}-{kind}.gguf"
+    with terminate_raises(), writing(out), atomic_dir(out, replace=True) as tmp:
+        write_gguf_file(model, tok, cfg, tmp / gguf_name, kind, Path(run_dir).resolve().name)
         (tmp / "Modelfile").write_text(modelfile(gguf_name, cfg.block_size), encoding="utf-8")
     return out, f"ollama create {name} -f {out / 'Modelfile'}"
