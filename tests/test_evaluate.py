@@ -32,15 +32,21 @@ def test_bits_per_byte_of_a_uniform_model(tok):
 
 
 def test_windows_cover_every_token_once():
+    """Reference computed another way: token p's NLL from a forward pass over just its own
+    context (the tokens since its window began, windows starting every block_size tokens), one
+    token at a time, no batching or padding."""
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16)).eval()
-    ids = torch.randint(0, 50, (30,)).tolist()
-    total, n = nll_of_ids(model, ids, batch_size=2)
-    assert n == 29
-    # reference: the same windows scored one by one
-    ref = 0.0
-    for s in range(0, 29, 8):
-        w = torch.tensor(ids[s : s + 9])[None]
-        logits, _ = model(w[:, :-1])
-        ref += torch.nn.functional.cross_entropy(logits[0], w[0, 1:], reduction="sum").item()
-    assert total == pytest.approx(ref, rel=1e-5)
+    ctx = 8
+    model = GPT(ModelConfig(vocab_size=50, block_size=ctx, n_layer=1, n_head=2, n_embd=16)).eval()
+    for length in (2, 9, 17, 30):  # a single pair, exactly one window + 1, ragged tails
+        ids = torch.randint(0, 50, (length,)).tolist()
+        ref = 0.0
+        for p in range(1, length):
+            start = (p - 1) // ctx * ctx
+            with torch.no_grad():
+                logits, _ = model(torch.tensor([ids[start:p]]))
+            ref -= torch.log_softmax(logits[0, -1].double(), -1)[ids[p]].item()
+        for batch_size in (1, 2, 3):
+            total, n = nll_of_ids(model, ids, batch_size=batch_size)
+            assert n == length - 1
+            assert total == pytest.approx(ref, rel=1e-5), (length, batch_size)
