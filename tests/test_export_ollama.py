@@ -1,12 +1,15 @@
-"""`azllm export ollama`: the Modelfile parses, its Go TEMPLATE renders exactly our chat template
-(with a small renderer for the subset of Go templates it uses: Ollama itself is not installable
-here), and the GGUF it points to is one llama.cpp loads and tokenizes the rendered prompt to our
-chat ids."""
+"""`azllm export ollama`: the Modelfile parses, its TEMPLATE rendered by Go's own text/template
+(py-go-template: Go's library built as a shared object; Ollama itself is not installable here)
+with the data Ollama passes (.Messages of {Role, Content}) is exactly our chat template, and the
+GGUF it points to is one llama.cpp loads and tokenizes the rendered prompt to our chat ids."""
 
 from __future__ import annotations
 
-import re
+import json
 import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -41,43 +44,28 @@ def parse_modelfile(text: str) -> dict:
     return out
 
 
-def render_go(template: str, data: dict) -> str:
-    """The Go template subset: text, {{ .Field }}, {{ range .List }}...{{ end }}, {{- -}} trims."""
-    tokens = re.split(r"({{-?\s*.*?\s*-?}})", template)
-
-    def run(i: int, ctx: dict, out: list[str]) -> int:
-        while i < len(tokens):
-            t = tokens[i]
-            if not t.startswith("{{"):
-                out.append(t)
-                i += 1
-                continue
-            if t.startswith("{{-") and out:
-                out[-1] = out[-1].rstrip()
-            if t.endswith("-}}") and i + 1 < len(tokens):
-                tokens[i + 1] = tokens[i + 1].lstrip()
-            action = t.strip("{}-").strip()
-            if action == "end":
-                return i + 1
-            if action.startswith("range "):
-                items = ctx[action.split()[1].lstrip(".")]
-                end = i + 1
-                for item in items:
-                    end = run(i + 1, {**ctx, **{k.capitalize(): v for k, v in item.items()}}, out)
-                if not items:  # skip the body
-                    end = run(i + 1, ctx, [])
-                i = end
-                continue
-            if re.fullmatch(r"\.\w+", action):
-                out.append(str(ctx[action[1:]]))
-                i += 1
-                continue
-            raise AssertionError(f"template action outside the tested subset: {t}")
-        return i
-
-    out: list[str] = []
-    run(0, data, out)
-    return "".join(out)
+def render_go(template: str, data: dict, workdir: Path) -> str:
+    """Go's text/template, as Ollama runs a Modelfile TEMPLATE: messages are Go structs there, so
+    their fields are .Role and .Content (capitalised). In a child process: on a template error
+    the Go library exits its process."""
+    pytest.importorskip("go_template", reason="pip install py-go-template")
+    data = {
+        **data,
+        "Messages": [{k.capitalize(): v for k, v in m.items()} for m in data.get("Messages", [])],
+    }
+    path = workdir / "TEMPLATE.tmpl"
+    path.write_text(template, encoding="utf-8")
+    code = (
+        "import json, sys; from pathlib import Path; from go_template import render; "
+        "sys.stdout.buffer.write(render(Path(sys.argv[1]), json.loads(sys.argv[2])))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(path), json.dumps(data)], capture_output=True, timeout=60
+    )
+    out = proc.stdout.decode("utf-8")
+    if proc.returncode != 0:
+        raise AssertionError(f"Go template error: {out} {proc.stderr.decode()}".strip())
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -100,25 +88,32 @@ def test_modelfile_fields(exported):
 
 
 @pytest.mark.parametrize("convo", [CHAT, CHAT[1:2], CHAT[:3]], ids=["full", "one", "sys"])
-def test_template_renders_our_chat_template(exported, convo):
+def test_template_renders_our_chat_template(exported, convo, tmp_path):
     _, out, _ = exported
     template = parse_modelfile((out / "Modelfile").read_text(encoding="utf-8"))["TEMPLATE"]
-    assert render_go(template, {"Messages": convo}) == render_chat(convo, True)
+    assert render_go(template, {"Messages": convo}, tmp_path) == render_chat(convo, True)
 
 
-def test_renderer_is_not_vacuous():
+def test_go_renderer_is_real_go(tmp_path):
+    """Go's semantics, not a look-alike: trim markers eat newlines, text is not HTML-escaped,
+    and a malformed action or an unknown field is an error, not a silent blank."""
     t = "A{{ range .Messages }}[{{ .Role }}:{{ .Content }}]{{ end }}{{- \n .X -}} B"
-    assert render_go(t, {"Messages": [{"role": "u", "content": "c"}], "X": 1}) == "A[u:c]1B"
+    data = {"Messages": [{"role": "u", "content": "<c>"}], "X": 1}
+    assert render_go(t, data, tmp_path) == "A[u:<c>]1B"
+    with pytest.raises(AssertionError, match="parse template failed"):
+        render_go("{{ if }}", {}, tmp_path)
+    with pytest.raises(AssertionError, match='no entry for key "Nope"'):
+        render_go("{{ .Nope }}", {}, tmp_path)
 
 
-def test_llama_cpp_tokenizes_the_rendered_prompt_to_our_chat_ids(exported):
+def test_llama_cpp_tokenizes_the_rendered_prompt_to_our_chat_ids(exported, tmp_path):
     pytest.importorskip("llama_cpp")
     from azllm.export.llamacpp import loaded
 
     run, out, _ = exported
     _, tok, _ = load_run(run)
     mf = parse_modelfile((out / "Modelfile").read_text(encoding="utf-8"))
-    prompt = render_go(mf["TEMPLATE"], {"Messages": CHAT})
+    prompt = render_go(mf["TEMPLATE"], {"Messages": CHAT}, tmp_path)
     with loaded(out / mf["FROM"][2:]) as llm:
         ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
         add_bos = llm.metadata["tokenizer.ggml.add_bos_token"]

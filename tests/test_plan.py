@@ -161,10 +161,24 @@ def test_every_preset_gets_a_plan_within_its_budget(preset):
 
 
 def test_az100m_at_1024_fp16_fits_a_4gb_card_under_3_8gb():
+    """The plan against a hand count that shares nothing with memory.py: the parameters of the
+    real module (built on the meta device), 16 bytes each for fp32 weights, gradients and
+    AdamW's two moments; with activation checkpointing, every block's fp32 input (the residual
+    stream stays fp32 under autocast) kept for the recompute; a CUDA context of at least
+    300 MiB. The estimate must cover all of that and still stay under 3.8 GB."""
     cfg = _cfg("az-100m", **{"model.block_size": 1024})
     plan = make_plan(cfg, parse_vram("4GB"), precision="fp16", device_type="cuda")
     assert plan.fits and plan.estimated_peak_bytes <= 3.8e9
-    assert plan.breakdown["runtime"] > 0  # the CUDA context is in the total
+    m, part = cfg.model, plan.breakdown
+    with torch.device("meta"):
+        n_params = GPT(m).num_params()  # a tied head counted once, as it is stored once
+    states = 16 * n_params
+    assert part["weights"] + part["gradients"] + part["optimizer"] == states
+    assert plan.activation_checkpointing
+    block_inputs = m.n_layer * plan.micro_batch * m.block_size * m.n_embd * 4
+    assert part["activations"] >= block_inputs
+    assert part["runtime"] >= 300 * MiB  # the CUDA context is in the total
+    assert states + block_inputs + 300 * MiB <= plan.estimated_peak_bytes
     # its micro-batch needs the savers it chose: without them it would not fit
     plain = estimate_peak(cfg, plan.micro_batch, precision="fp16",
                           activation_checkpointing=False, grad_accum=plan.grad_accum)  # fmt: skip
