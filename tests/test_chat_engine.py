@@ -119,6 +119,8 @@ def test_stop_ids_end_a_row_without_the_stop_token(model, engine):
     assert list(req.stream()) == full[:k]
     assert (req.result.finish_reason, req.result.completion_tokens) == ("stop", k)
     assert list(other.stream()) == solo(model, PROMPTS[0], 30)  # its neighbour goes on
+    # the engine has decoded on since: nothing (the stop token included) came after "done"
+    assert req.events.empty(), [req.events.get_nowait() for _ in range(req.events.qsize())]
 
 
 def test_max_batch_bounds_the_batch_and_queues_the_rest(model):
