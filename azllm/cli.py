@@ -7,12 +7,13 @@ printed on one line with exit code 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
 
 from azllm.chat.cli import run_flags, sampling_flags
-from azllm.config import ARCHS, OPTIMIZER_STATES, PRECISIONS, STRATEGIES
+from azllm.config import ARCHS, OPTIMIZER_STATES, OPTIMIZERS, PRECISIONS, STRATEGIES
 from azllm.errors import AzllmError
 
 # Flags of `azllm train` that override config fields: flag -> "section.field".
@@ -35,9 +36,11 @@ TRAIN_OVERRIDES = {
     "activation_checkpointing": "train.activation_checkpointing",
     "strategy": "train.strategy",
     "optimizer_state": "train.optimizer_state",
+    "optimizer": "train.optimizer",
     "chunked_ce": "train.chunked_ce",
     "block_size": "model.block_size",
     "arch": "model.arch",
+    "qat": "train.qat",
 }
 
 
@@ -137,8 +140,21 @@ def cmd_train(args) -> int:
     cfg = apply_overrides(load_config(args.config), _overrides(args))
     if args.vram:
         cfg = _apply_vram_plan(cfg, args.vram, Path(args.data))
-    _report(train(cfg, Path(args.data), Path(args.out), resume=args.resume), args.out)
+    last = train(
+        cfg, Path(args.data), Path(args.out), resume=args.resume, task_eval=_task_eval(args, cfg)
+    )
+    _report(last, args.out)
     return 0
+
+
+def _task_eval(args, cfg, chat: bool = False):
+    """--eval-tasks PATH... --eval-tasks-every N (default: the validation interval)."""
+    if not args.eval_tasks:
+        return None
+    from azllm.evaluate.training import TaskEval
+
+    every = args.eval_tasks_every or cfg.train.eval_interval
+    return TaskEval(args.eval_tasks, every, chat=chat, limit=args.eval_tasks_limit)
 
 
 def _apply_vram_plan(cfg, vram: str, data_dir: Path):
@@ -190,6 +206,23 @@ def _apply_vram_plan(cfg, vram: str, data_dir: Path):
     )
 
 
+def cmd_qat(args) -> int:
+    from azllm.qat import qat
+
+    last = qat(
+        Path(args.run),
+        Path(args.data),
+        Path(args.out),
+        args.qat,
+        steps=args.steps,
+        overrides=_overrides(args),
+        resume=args.resume,
+        task_eval=_task_eval(args, _sft_config_for_tasks(args)),  # the quantized model's
+    )
+    _report(last, args.out)
+    return 0
+
+
 def cmd_sft(args) -> int:
     from azllm.chat.sft import sft
 
@@ -202,9 +235,19 @@ def cmd_sft(args) -> int:
         val_fraction=args.val_fraction,
         pack=args.pack,
         epochs=args.epochs,
+        task_eval=_task_eval(args, _sft_config_for_tasks(args), chat=True),
     )
     _report(last, args.out)
     return 0
+
+
+def _sft_config_for_tasks(args):
+    """The interval --eval-tasks-every defaults to, for sft (the base run's, overridden)."""
+    if not args.eval_tasks or args.eval_tasks_every:
+        return None
+    from azllm.config import apply_overrides, load_run_config
+
+    return apply_overrides(load_run_config(Path(args.run)), _overrides(args))
 
 
 def _report(last: dict, out: str) -> None:
@@ -252,8 +295,16 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.compare:
+        return _eval_compare(args)
+    if bool(args.text) == bool(args.tasks):
+        raise AzllmError("azllm eval needs --text FILE (bits per byte) or --tasks PATH|NAME")
+    if args.tasks:
+        return _eval_tasks(args)
     from azllm.evaluate import evaluate_text, read_text_file
 
+    if args.hf:
+        raise AzllmError("--text with --hf: bits per byte runs on --run or --gguf")
     if args.gguf:  # the same measure computed by llama.cpp (a quantized file's loss of quality)
         from azllm.export.gguf import gguf_eval
 
@@ -279,6 +330,70 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _eval_tasks(args) -> int:
+    """azllm eval --tasks: accuracy with chance and interval; report cards in RUN/eval/."""
+    from azllm.evaluate.backends import open_backend
+    from azllm.evaluate.harness import evaluate_tasks
+    from azllm.evaluate.report import markdown, subject_table
+    from azllm.evaluate.tasks import load_tasks
+
+    for flag, v in (("--shots", args.shots), ("--limit", args.limit)):
+        if v is not None and v < 0:
+            raise AzllmError(f"{flag} {v}: must be 0 or more")
+    for spec in args.tasks:  # bad task files fail before a model is loaded
+        load_tasks(spec)
+    device, precision = "cpu", "fp32"
+    if args.run or args.hf:
+        from azllm.device import resolve_device, resolve_precision
+
+        device = resolve_device(args.device)
+        precision = resolve_precision(args.precision, device)
+    backend, name, default_out = open_backend(
+        run=args.run,
+        hf=args.hf,
+        gguf=args.gguf,
+        device=device,
+        weights=args.weights,
+        precision=precision,
+    )
+    try:
+        summaries = evaluate_tasks(
+            backend,
+            args.tasks,
+            model=name,
+            shots=args.shots or 0,
+            chat=args.chat,
+            limit=args.limit or None,
+            out_dir=Path(args.out) if args.out else default_out,
+            progress=not args.json and sys.stderr.isatty(),
+        )
+    finally:
+        if hasattr(backend, "close"):
+            backend.close()
+    if args.json:
+        for s in summaries:
+            print(json.dumps(s, ensure_ascii=False))
+        return 0
+    print(markdown(summaries))
+    for s in summaries:
+        print(f"\n{s['task']} by subject:\n{subject_table(s)}")
+    print(f"\nreport cards: {Path(summaries[0]['records_file']).parent}" if summaries else "")
+    return 0
+
+
+def _eval_compare(args) -> int:
+    from azllm.evaluate.report import compare, compare_markdown
+
+    a, b = args.compare
+    rows = compare(a, b)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+    else:
+        print(compare_markdown(a, b, rows))
+    return 0
+
+
 def cmd_quickstart(args) -> int:
     from azllm.quickstart import quickstart
 
@@ -288,6 +403,11 @@ def cmd_quickstart(args) -> int:
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument(
+        "--eval-tasks", nargs="+", help="log task accuracy (azllm eval --tasks) while training"
+    )
+    p.add_argument("--eval-tasks-every", type=int, default=None, help="steps (default: eval)")
+    p.add_argument("--eval-tasks-limit", type=int, default=None, help="questions per task")
     for flag in (
         "max_steps",
         "micro_batch",
@@ -309,10 +429,17 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", choices=ARCHS)
     p.add_argument("--strategy", choices=STRATEGIES, help="under torchrun")
     p.add_argument("--optimizer-state", choices=OPTIMIZER_STATES)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="muon: Muon for the blocks' matrices")
     p.add_argument("--device")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument(
         "--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None
+    )
+    p.add_argument(
+        "--qat",
+        metavar="TYPE",
+        help="quantization-aware training for a GGUF type (q4_0, q8_0): the forward pass "
+        "sees the weights as llama.cpp will read them from the export",
     )
     p.add_argument("--set", nargs="*", help="any config field: model.n_layer=4 train.beta2=0.99")
 
@@ -384,6 +511,16 @@ def build_parser() -> argparse.ArgumentParser:
     _train_flags(p)
     p.set_defaults(func=cmd_sft)
 
+    p = sub.add_parser("qat", help="continue a run with quantization-aware training (GGUF)")
+    p.add_argument("--run", required=True, help="the run whose weights to start from")
+    p.add_argument("--data", required=True, help="token shards made with the run's tokenizer")
+    p.add_argument("--out", required=True, help="the new run directory")
+    p.add_argument("--steps", type=int, help="training steps (default: a tenth of the run's)")
+    _train_flags(p)
+    # --type is --qat under the name export uses: `azllm export gguf` of the run defaults to it
+    p.add_argument("--type", dest="qat", required=True, metavar="TYPE", help="q4_0 or q8_0")
+    p.set_defaults(func=cmd_qat)
+
     p = sub.add_parser("generate", help="sample text from a trained run")
     run_flags(p, threads=False)
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
@@ -393,10 +530,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stream", action="store_true")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("eval", help="loss, perplexity and bits per byte on a text file")
+    p = sub.add_parser(
+        "eval", help="bits per byte on a text, or accuracy on tasks (multiple choice, QA)"
+    )
     run_flags(p, run_required=False, threads=False)
     p.add_argument("--gguf", help="evaluate a GGUF export with llama.cpp instead of --run")
-    p.add_argument("--text", required=True)
+    p.add_argument("--hf", help="evaluate an `azllm export hf` folder with transformers")
+    p.add_argument("--text", help="bits per byte of this text file")
+    p.add_argument("--tasks", nargs="+", help="task files/folders or a built-in name (az-basic)")
+    p.add_argument("--shots", type=int, default=0, help="dev examples before each question")
+    p.add_argument("--limit", type=int, default=None, help="first N questions of each task")
+    p.add_argument(
+        "--chat", action="store_true", help="chat form: questions as user turns (SFT runs)"
+    )
+    p.add_argument("--out", help="report-card folder (default RUN/eval, DIR/eval, FILE.eval)")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two evaluated runs side by side")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
@@ -412,12 +560,29 @@ def build_parser() -> argparse.ArgumentParser:
     from azllm.corpus.cli import register as register_corpus
     from azllm.export.cli import register as register_export
     from azllm.plan import register as register_plan
+    from azllm.tune import register as register_tune
 
     register_chat(sub)
     register_corpus(sub)
     register_plan(sub)
     register_export(sub)
+    register_tune(sub)
     return parser
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for a filesystem refusal that no command turned into its own message: what the
+    system said and the path, and what to do about the usual causes."""
+    where = f"{e.filename}: " if e.filename else ""
+    in_the_way = "a file is in the way of a folder of that name; move it or choose another path"
+    hint = {
+        errno.ENOSPC: "free some space or write elsewhere",
+        errno.EEXIST: in_the_way,
+        errno.ENOTDIR: in_the_way,
+        errno.EACCES: "no permission; choose a place you can write to",
+        errno.EROFS: "read-only filesystem; choose a place you can write to",
+    }.get(e.errno, "check the path")
+    return f"{where}{e.strerror or e}; {hint}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -427,6 +592,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except AzllmError as e:
         print(f"azllm: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the filesystem said no (a file where a folder should be, full disk...)
+        print(f"azllm: error: {os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("azllm: interrupted", file=sys.stderr)

@@ -285,3 +285,18 @@ def test_bad_sampling_flags_of_chat_fail_before_the_first_message(run_dir):
     assert proc.returncode == 2 and "you>" not in proc.stdout, proc.stdout + proc.stderr
     assert proc.stderr.strip().startswith("azllm: error: --top-p must be"), proc.stderr
     fails("chat", "--run", run_dir, "--temperature", "-0.5", match="--temperature must be")
+
+
+def test_an_output_path_under_a_file_is_one_line(tmp_path, tokenizer_path, data_dir):
+    # Every command that writes: a file where its output folder should be is the filesystem's
+    # refusal, reported in one line (it used to be a FileExistsError traceback, exit 1).
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    where = "a file is in the way of a folder of that name"
+    fails("tokenizer", "train", "--input", SAMPLE, "--vocab-size", "300",
+          "--out", blocker / "tok.json", match=where)  # fmt: skip
+    fails("tokenize", "--tokenizer", tokenizer_path, "--input", SAMPLE,
+          "--out", blocker / "data", match=where)  # fmt: skip
+    fails("train", "--config", "tiny", "--data", data_dir, "--out", blocker / "run",
+          "--max-steps", "1", match=where)  # fmt: skip
+    assert blocker.read_text() == "x"
