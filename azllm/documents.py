@@ -6,9 +6,12 @@ sorted order, hidden files and folders skipped, formats detected) and opening th
 (gzip/bz2/xz/zstd) is the corpus readers' one implementation (corpus/readers.expand_inputs,
 corpus/formats.open_binary); the documents of a file are read here, strictly. Formats:
 
-- `.txt` (optionally `.gz`/`.bz2`/`.xz`/`.zst`): one document per blank-line-separated block;
-  a file with no blank line at all (a verse per line, a sentence per line) is one document per
-  line, so that such a file still splits into many documents for the train/val split.
+- `.txt` (optionally `.gz`/`.bz2`/`.xz`/`.zst`): one document per blank-line-separated block,
+  a block longer than DOC_CHARS cut at line boundaries, as `azllm corpus build` does. A file
+  with no blank line at all (a verse or a sentence per line) is therefore running text with
+  its line breaks, in chunks of about DOC_CHARS characters. It used to be a document per line
+  (EOS between lines), so a model never saw a line break inside such text, though the text
+  users evaluate and prompt with has them (measurements: bench/README.md, "Recipe comparison").
 - `.jsonl` (optionally compressed): one JSON object per line with a `"text"` field.
 - a folder: every such file below it, in sorted order. A folder written by `azllm corpus build`
   (it holds `train.jsonl.zst` and `val.jsonl.zst`) keeps its own train/val split.
@@ -26,12 +29,15 @@ from contextlib import closing
 from pathlib import Path
 
 from azllm.corpus.formats import STREAM_ERRORS, UnknownFormat, detect_format, open_binary
-from azllm.corpus.readers import describe_error, expand_inputs
+from azllm.corpus.readers import ReaderOptions, describe_error, expand_inputs
 from azllm.errors import AzllmError
 
 _TEXT = (".txt", ".jsonl")
 _COMPRESSED = ("", ".gz", ".bz2", ".xz", ".zst")
 TEXT_SUFFIXES = tuple(t + c for t in _TEXT for c in _COMPRESSED)
+# Longest document cut from a text file: the corpus reader's, so `azllm tokenize` on raw text and
+# on a corpus folder cut alike. Many chunks per file keep the hash split by document meaningful.
+DOC_CHARS = ReaderOptions.max_doc_chars
 
 
 def _format(path: Path) -> tuple[str, str | None]:
@@ -65,22 +71,22 @@ def _read_lines(path: Path) -> Iterator[str]:
         ) from None
 
 
-def _txt_documents(path: Path) -> Iterator[str]:
-    # Streams: a first pass stops at the first blank line (or reads through a file that has none)
-    with closing(_read_lines(path)) as lines:  # closed now, not whenever it is collected
-        per_line = not any(not ln.strip() for ln in lines)
+def _txt_documents(path: Path, max_chars: int = DOC_CHARS) -> Iterator[str]:
     block: list[str] = []
-    with closing(_read_lines(path)) as lines:
+    size = 0
+    with closing(_read_lines(path)) as lines:  # closed now, not whenever it is collected
         for ln in lines:
             ln = ln.rstrip()
-            if per_line:
-                if ln.strip():
-                    yield ln.strip()
-            elif ln.strip():
-                block.append(ln)
-            elif block:
+            if not ln.strip():
+                if block:
+                    yield "\n".join(block)
+                    block, size = [], 0
+                continue
+            if block and size + len(ln) > max_chars:
                 yield "\n".join(block)
-                block = []
+                block, size = [], 0
+            block.append(ln)
+            size += len(ln) + 1
     if block:
         yield "\n".join(block)
 

@@ -1,19 +1,38 @@
-"""llama vs gpt2 at equal parameter count, equal data and equal wall time: held-out bits per byte.
+"""Recipe comparison: azllm against karpathy/nanoGPT at equal tokens on held-out Azerbaijani text.
 
-    python bench/train_quality.py --minutes 2 --data ../shared/data/az/pretrain
-    python bench/train_quality.py --minutes 10 --data DIR --json quality.json
+    python bench/train_quality.py --data ../shared/data/az/pretrain \
+        --heldout ../shared/data/az/pretrain/flores200_sib200_azj_Latn.txt \
+        --nanogpt-dir /tmp/nanogpt --steps 370 --seeds 3 --json quality.json
 
-1. trains a byte-level BPE tokenizer on --data and writes train/val token shards (5% of the
-   documents held out by hash, as `azllm tokenize` does) into a temporary folder (or --work);
-2. builds the gpt2 model (LayerNorm, GELU MLP 4x wide, learned positions) and a llama model of
-   the same shape whose SwiGLU ffn_hidden is chosen so both have the same parameter count;
-3. times a few training steps of each, interleaved so both see the same machine load, and turns
-   --minutes into a step count per architecture (the faster one gets more steps);
-4. trains each with azllm.train.train (same seed, so the same batches in the same order, with
-   warmup + cosine over its own step count) and evaluates the final weights on every token of
-   the held-out split: bpb = total NLL in bits / UTF-8 bytes of the held-out documents.
+nanoGPT is not part of azllm and is never committed: save karpathy/nanoGPT's model.py in a
+folder outside the repository and pass it with --nanogpt-dir. The peer script
+(../shared/tools/peer_nanogpt.py, --peer) trains it.
 
-The issue's target: llama at least 10% lower bpb than gpt2 at 10 minutes.
+1. The held-out file is taken out of the training files (for every arm alike). A byte-level BPE
+   is trained on the rest, and azllm token shards are written from it (`azllm tokenize`'s
+   documents and split; --per-line-docs rebuilds the old split of a file without blank lines
+   into a document per line, to measure what that cost).
+2. Arms, each trained on the same number of tokens (--steps x --batch x --block-size):
+   nanogpt  nanoGPT's model.py through the peer script (subprocess): whole files, EOS between
+            files, random windows, AdamW, warmup then cosine to 0.1x;
+   adamw    azllm llama + AdamW, today's recipe: the shape, lr and warmup given here;
+   gpt2     the same through azllm with model.arch=gpt2 (diagnosis: architecture vs pipeline);
+   default  the `baby` preset as the config defines it now (architecture options, optimizer,
+            lr, batch, eval and checkpoint intervals, precision): `azllm train --config baby`
+            with only the step count (from the token budget), seed and device set, and the
+            shape if --n-layer/--n-head/--n-embd/--block-size scale it down. It reads the
+            defaults at run time, so re-running it measures whatever they have become.
+   The azllm arms run azllm.train.train, every overhead included (evaluation, checkpoints,
+   matmul-peak measurement, prefetch thread).
+3. Every arm is scored by the same procedure, the peer's: the raw held-out text encoded whole,
+   non-overlapping windows of the context, every token after the first predicted once, fp32;
+   bpb = NLL in bits / UTF-8 bytes. For the azllm arms the table also shows `azllm eval --text`
+   (the same windows after a leading EOS, so the first token is predicted too) and the held-out
+   text with its line breaks replaced by spaces (same byte count).
+
+Targets (issue 13): default <= 0.90 x nanogpt in bpb at equal tokens, and default's wall time
+<= nanogpt's. Wall time on a shared machine is unreliable: tokens/s are shown per arm, measured
+one after the other in the same run.
 """
 
 from __future__ import annotations
@@ -21,128 +40,203 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from azllm.checkpoint import load_run
-from azllm.config import Config, config_from_dict
-from azllm.device import resolve_device, resolve_precision
-from azllm.documents import iter_all_documents
-from azllm.evaluate import nll_of_ids
-from azllm.model import GPT
-from azllm.optim import lr_at, make_optimizer
-from azllm.shards import TokenBatches, tokenize_to_shards
-from azllm.step import TrainStep
+from azllm.config import apply_overrides, load_config
+from azllm.documents import iter_documents, text_files
+from azllm.evaluate import nll_of_ids, read_text_file
+from azllm.shards import tokenize_to_shards
 from azllm.tokenizer import AzTokenizer, train_tokenizer
 from azllm.train import train
 
-
-def make_configs(args, vocab_size: int) -> dict[str, Config]:
-    """gpt2 with its 4x MLP, and llama with the ffn_hidden that matches gpt2's parameter count."""
-    model = dict(
-        vocab_size=vocab_size,
-        block_size=args.block_size,
-        n_layer=args.n_layer,
-        n_head=args.n_head,
-        n_embd=args.n_embd,
-    )
-    train_cfg = dict(
-        micro_batch=args.micro_batch,
-        grad_accum=1,
-        lr=args.lr,
-        precision=args.precision,
-        seed=args.seed,
-        device=args.device,
-    )
-    gpt2 = config_from_dict({"model": {**model, "arch": "gpt2"}, "train": dict(train_cfg)})
-    target = GPT(gpt2.model).num_params()
-    # Each unit of llama's ffn_hidden adds 3 weights (gate, up, down) per layer and channel.
-    llama = config_from_dict({"model": {**model, "arch": "llama"}, "train": dict(train_cfg)})
-    base = GPT(llama.model).num_params()
-    per_unit = 3 * args.n_layer * args.n_embd
-    ffn = llama.model.ffn_hidden + round((target - base) / per_unit / 32) * 32
-    llama.model.ffn_hidden = max(32, ffn)  # a multiple of 32 keeps matmuls aligned
-    return {"llama": llama, "gpt2": gpt2}
+ROOT = Path(__file__).resolve().parent.parent
+PEER = ROOT.parent / "shared" / "tools" / "peer_nanogpt.py"
+ARMS = ("nanogpt", "adamw", "gpt2", "default")
 
 
-def seconds_per_step(cfgs: dict[str, Config], data: TokenBatches, steps: int) -> dict:
-    """Wall time of `steps` training steps per arch, the archs taking turns step by step so that
-    a neighbour's load on a shared machine falls on both alike. The step is train.py's own."""
-    steppers = {}
-    for arch, cfg in cfgs.items():
-        device = resolve_device(cfg.train.device)
-        torch.manual_seed(cfg.train.seed)
-        model = GPT(cfg.model).to(device).train()
-        tc = cfg.train
-        steppers[arch] = TrainStep(
-            model,
-            make_optimizer(model, tc, device),
-            micro_batch=tc.micro_batch,
-            grad_accum=1,
-            grad_clip=tc.grad_clip,
-            device=device,
-            precision=resolve_precision(tc.precision, device),
-        )
-    times: dict[str, list[float]] = {arch: [] for arch in cfgs}
-    for step in range(1, steps + 2):  # step 1 is warm-up, not timed
-        for arch, train_step in steppers.items():
-            tc = cfgs[arch].train
-            t0 = time.perf_counter()
-            batch = data.batch("train", step, tc.micro_batch).to(train_step.device)
-            loss, _ = train_step(batch, lr_at(step, tc))
-            loss.item()  # waits for the device
-            if step > 1:
-                times[arch].append(time.perf_counter() - t0)
-    return times
+def per_line_copy(files: list[Path], out: Path) -> list[Path]:
+    """The old documents of each file: a file without blank lines became a document per line
+    (written here as JSON Lines, which the shard writer reads as one document per record)."""
+    out.mkdir(parents=True, exist_ok=True)
+    result = []
+    for i, f in enumerate(files):
+        lines = f.read_text(encoding="utf-8").splitlines()
+        if any(not ln.strip() for ln in lines):
+            result.append(f)
+            continue
+        dest = out / f"{i:02d}_{f.stem}.jsonl"
+        with dest.open("w", encoding="utf-8") as w:
+            for ln in lines:
+                if ln.strip():
+                    w.write(json.dumps({"text": ln.strip()}, ensure_ascii=False) + "\n")
+        result.append(dest)
+    return result
 
 
-def heldout_bpb(
-    run_dir: Path, data_dir: Path, meta: dict, device: torch.device, precision: str, max_tokens: int
-) -> dict:
-    """bpb of the final weights over the val shards, each document predicted after an EOS."""
-    model, _, _ = load_run(run_dir, device)
-    val = [
-        np.fromfile(data_dir / s["file"], dtype=np.dtype(meta["dtype"]))
-        for s in meta["splits"]["val"]["shards"]
-    ]
-    ids = [meta["eos_id"]] + np.concatenate(val).astype(np.int64).tolist()
-    n_bytes = meta["splits"]["val"]["bytes"]
-    if max_tokens and len(ids) > max_tokens + 1:  # a prefix: scale its bytes by its share
-        n_bytes = n_bytes * max_tokens / (len(ids) - 1)
-        ids = ids[: max_tokens + 1]
-    nll, n = nll_of_ids(model, ids, batch_size=16, precision=precision)
-    return {"bpb": nll / math.log(2) / n_bytes, "loss": nll / n, "tokens": n, "bytes": n_bytes}
+def heldout_scores(run_dir: Path, text: str) -> dict:
+    """bpb of the run's final weights on `text`: the peer's procedure, azllm eval's, and the
+    peer's on the text with line breaks as spaces."""
+    model, tok, _ = load_run(run_dir, "cpu")
+    n_bytes = len(text.encode("utf-8"))
+
+    def bpb(ids: list[int]) -> float:
+        nll, _ = nll_of_ids(model, ids, batch_size=16, precision="fp32")
+        return nll / math.log(2) / n_bytes
+
+    flat = text.replace("\r\n", "  ").replace("\n", " ")
+    return {
+        "bpb": bpb(tok.encode(text)),
+        "bpb_azllm_eval": bpb([tok.eos_id] + tok.encode(text)),
+        "bpb_newlines_as_spaces": bpb(tok.encode(flat)),
+    }
+
+
+def run_peer(args, tok_path: Path, files: list[Path], seed: int, steps: int) -> dict:
+    cmd = [
+        sys.executable, str(args.peer), "--nanogpt-dir", str(args.nanogpt_dir),
+        "--tokenizer", str(tok_path), "--train", *map(str, files), "--heldout", str(args.heldout),
+        "--minutes", "100000", "--max-steps", str(steps), "--n-layer", str(args.n_layer),
+        "--n-head", str(args.n_head), "--n-embd", str(args.n_embd),
+        "--block-size", str(args.block_size), "--batch", str(args.batch), "--lr", str(args.lr),
+        "--precision", args.precision, "--seed", str(seed),
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    if out.returncode:
+        raise SystemExit(f"peer script failed:\n{out.stderr[-3000:]}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return {
+        "bpb": r["heldout_bpb"],
+        "tokens": r["tokens_seen"],
+        "tok_per_s_train": r["tok_per_s"],
+        "wall_s": wall,  # the whole process: tokenizing the files and the held-out eval too
+        "train_s": r["tokens_seen"] / r["tok_per_s"],
+    }
+
+
+def azllm_config(arm: str, args, seed: int, tokens: int, vocab: int):
+    cfg = load_config("baby")
+    if arm == "default":  # a candidate default, when asked for
+        cfg = apply_overrides(cfg, args.default_set)
+    m, tc = cfg.model, cfg.train
+    m.vocab_size = vocab
+    # The shape is the comparison's (baby's by default), the same for every arm.
+    m.n_layer, m.n_head, m.n_embd, m.block_size = (
+        args.n_layer, args.n_head, args.n_embd, args.block_size,
+    )  # fmt: skip
+    if arm == "default":  # everything else as the preset and the config defaults say now
+        per_step = tc.micro_batch * tc.grad_accum * m.block_size
+    else:
+        m.arch = "gpt2" if arm == "gpt2" else "llama"
+        tc.optimizer = "adamw"
+        tc.micro_batch, tc.grad_accum = args.batch // args.grad_accum, args.grad_accum
+        tc.lr, tc.warmup_steps, tc.min_lr_ratio = args.lr, args.warmup, 0.1
+        tc.precision = args.precision
+        per_step = args.batch * args.block_size
+    tc.max_steps = max(1, round(tokens / per_step))
+    tc.seed, tc.device = seed, "cpu"
+    return cfg
+
+
+def run_azllm(arm: str, args, data_dir: Path, work: Path, seed: int, tokens: int, vocab: int):
+    cfg = azllm_config(arm, args, seed, tokens, vocab)
+    run_dir = work / f"run-{arm}-{seed}"
+    t0 = time.perf_counter()
+    last = train(cfg, data_dir, run_dir, progress=False)
+    wall = time.perf_counter() - t0
+    tc, m = cfg.train, cfg.model
+    done = last["step"] * tc.micro_batch * tc.grad_accum * m.block_size
+    return {
+        "tokens": done,
+        "tok_per_s_train": last.get("tok_per_s"),  # over the last log interval, training only
+        "wall_s": wall,
+        "recipe": {
+            "arch": m.arch,
+            "shape": [m.n_layer, m.n_head, m.n_embd, m.block_size],
+            "optimizer": tc.optimizer,
+            "lr": tc.lr,
+            "warmup": tc.warmup_steps,
+            "batch": tc.micro_batch * tc.grad_accum,
+            "steps": tc.max_steps,
+            "precision": tc.precision,
+            "qk_norm": m.qk_norm,
+            "tie": m.tie_embeddings,
+        },  # fmt: skip
+        **heldout_scores(run_dir, read_text_file(args.heldout)),
+    }
+
+
+def _value(raw: str):
+    """A --default-set value as JSON where it parses (3e-3, true), else the string (muon)."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def summary(rows: list[dict]) -> dict:
+    out = {}
+    for key in ("bpb", "bpb_azllm_eval", "bpb_newlines_as_spaces", "wall_s", "tok_per_s"):
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        if vals:
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            out[key] = (statistics.mean(vals), sd)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--minutes", type=float, default=2.0, help="training wall time per arch")
     p.add_argument("--data", required=True, help="folder or files of Azerbaijani text")
+    p.add_argument("--heldout", required=True, help="held-out text; excluded from training")
+    p.add_argument("--nanogpt-dir", default=os.environ.get("NANOGPT_DIR"))
+    p.add_argument("--peer", type=Path, default=PEER, help="the peer script")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {', '.join(ARMS)}")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1337, help="first seed")
+    p.add_argument("--steps", type=int, default=370, help="steps of --batch x --block-size")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--grad-accum", type=int, default=2, help="azllm adamw/gpt2 arms (baby's)")
+    p.add_argument("--n-layer", type=int, default=6)
+    p.add_argument("--n-head", type=int, default=6)
+    p.add_argument("--n-embd", type=int, default=384)
+    p.add_argument("--block-size", type=int, default=192)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--val-fraction", type=float, default=0.05, help="azllm's own val split")
+    p.add_argument("--per-line-docs", action="store_true", help="the old per-line documents")
+    p.add_argument(
+        "--default-set",
+        nargs="*",
+        default=[],
+        help="overrides for the default arm only (a candidate default): train.optimizer=muon",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch threads (peer: same)")
     p.add_argument("--work", default=None, help="keep tokenizer, shards and runs here")
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--micro-batch", type=int, default=16, help="sequences per step")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 (| fp16 on CUDA)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--calib-steps", type=int, default=8, help="timed steps per arch")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--eval-tokens", type=int, default=0, help="cap held-out tokens (0: all)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--json", default=None, metavar="PATH")
     args = p.parse_args(argv)
-
+    args.default_set = {k: _value(v) for k, _, v in (i.partition("=") for i in args.default_set)}
+    arms = [a for a in args.arms.split(",") if a]
+    if bad := [a for a in arms if a not in ARMS]:
+        p.error(f"--arms: unknown {bad}; choose from {', '.join(ARMS)}")
+    if "nanogpt" in arms and not (args.nanogpt_dir and Path(args.nanogpt_dir, "model.py").exists()):
+        p.error("--nanogpt-dir: a folder holding karpathy/nanoGPT's model.py (outside the repo)")
     if args.threads:
         torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the peer subprocess
+    args.heldout = Path(args.heldout).resolve()
+
     tmp = None
     if args.work:
         work = Path(args.work)
@@ -150,115 +244,72 @@ def main(argv: list[str] | None = None) -> int:
     else:
         tmp = tempfile.TemporaryDirectory(prefix="azllm-quality-")
         work = Path(tmp.name)
-    t_all = time.perf_counter()
     try:
-        print(f"[1/4] tokenizer ({args.vocab_size} tokens) and shards from {args.data}", flush=True)
-        tok = AzTokenizer(train_tokenizer(iter_all_documents([args.data]), args.vocab_size))
-        data_dir = work / "data"
+        files = [f for f in text_files([args.data]) if f.resolve() != args.heldout]
+        print(f"training files: {', '.join(f.name for f in files)}; held out: {args.heldout.name}")
+        docs = (d for f in files for d in iter_documents(f))
+        tok = AzTokenizer(train_tokenizer(docs, args.vocab_size))
+        tok_path = work / "tokenizer.json"
+        tok.save(tok_path)
+        shard_inputs = per_line_copy(files, work / "per-line") if args.per_line_docs else files
         meta = tokenize_to_shards(
-            tok, [args.data], data_dir, val_fraction=0.05, force=True, progress=False
-        )
-        tr, va = meta["splits"]["train"], meta["splits"]["val"]
-        print(
-            f"      train {tr['tokens']:,} tokens ({tr['bytes']:,} bytes), held out "
-            f"{va['tokens']:,} tokens ({va['bytes']:,} bytes, {va['documents']} documents)"
-        )
+            tok, shard_inputs, work / "data", val_fraction=args.val_fraction, force=True,
+            progress=False,
+        )  # fmt: skip
+        tr = meta["splits"]["train"]
+        print(f"shards: {tr['tokens']:,} train tokens in {tr['documents']:,} documents")
+        tokens = args.steps * args.batch * args.block_size
+        print(f"{tokens:,} training tokens per arm ({args.steps} x {args.batch}x{args.block_size})")
 
-        cfgs = make_configs(args, tok.vocab_size)
-        params = {a: GPT(c.model).num_params() for a, c in cfgs.items()}
-        for arch, c in cfgs.items():
-            m = c.model
-            print(
-                f"      {arch:<5} {params[arch]:>10,} params (n_layer {m.n_layer}, n_embd "
-                f"{m.n_embd}, n_head {m.n_head}, ffn_hidden {m.ffn_hidden}, ctx {m.block_size})"
-            )
-        diff = params["llama"] / params["gpt2"] - 1
-        print(f"      llama/gpt2 parameters: {diff:+.2%}")
+        results: dict[str, list[dict]] = {a: [] for a in arms}
+        for s in range(args.seeds):
+            seed = args.seed + s
+            for arm in arms:  # arms take turns per seed, so machine load falls on all alike
+                if arm == "nanogpt":
+                    r = run_peer(args, tok_path, files, seed, args.steps)
+                else:
+                    r = run_azllm(arm, args, work / "data", work, seed, tokens, tok.vocab_size)
+                r["seed"] = seed
+                r["tok_per_s"] = r["tokens"] / r["wall_s"]
+                results[arm].append(r)
+                if args.json:  # after every run: a long comparison stopped early keeps its rows
+                    doc = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}
+                    Path(args.json).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+                extra = (
+                    f", azllm eval {r['bpb_azllm_eval']:.4f}, newlines as spaces "
+                    f"{r['bpb_newlines_as_spaces']:.4f}"
+                    if "bpb_azllm_eval" in r
+                    else ""
+                )
+                print(
+                    f"  {arm:<8} seed {seed}: held-out {r['bpb']:.4f} bpb{extra}; "
+                    f"{r['tokens']:,} tokens, {r['wall_s']:.0f} s wall, "
+                    f"{r['tok_per_s']:,.0f} tok/s",
+                    flush=True,
+                )
 
-        print(f"[2/4] timing {args.calib_steps} steps of each (taking turns)", flush=True)
-        data = TokenBatches(data_dir, args.block_size, args.seed)
-        times = seconds_per_step(cfgs, data, args.calib_steps)
-        budget = args.minutes * 60
-        steps = {}
-        for arch, t in times.items():
-            step_s = statistics.median(t)
-            steps[arch] = max(10, int(budget / step_s))
+        summ = {a: summary(rs) for a, rs in results.items()}
+        print(f"\n{'arm':<8} {'held-out bpb':>16} {'azllm eval':>16} {'no newlines':>16} "
+              f"{'wall s':>12} {'tok/s (wall)':>14}")  # fmt: skip
+        for a, sm in summ.items():
+            cells = [
+                f"{sm[k][0]:.4f} ± {sm[k][1]:.4f}" if k in sm else "-"
+                for k in ("bpb", "bpb_azllm_eval", "bpb_newlines_as_spaces")
+            ]
             print(
-                f"      {arch:<5} {step_s:.3f} s/step -> {steps[arch]} steps in "
-                f"{args.minutes:g} min ({steps[arch] * args.micro_batch * args.block_size:,}"
-                " tokens)"
-            )
-
-        results = {}
-        for i, (arch, c) in enumerate(cfgs.items()):
-            print(f"[{3 + i}/4] training {arch} for {steps[arch]} steps", flush=True)
-            tc = c.train
-            tc.max_steps = steps[arch]
-            tc.warmup_steps = max(5, steps[arch] // 20)
-            tc.eval_interval = tc.ckpt_interval = steps[arch]  # evaluate/save once, at the end
-            tc.eval_batches, tc.log_interval, tc.keep_last = 8, 10, 1
-            run_dir = work / f"run-{arch}"
-            t0 = time.perf_counter()
-            last = train(c, data_dir, run_dir, progress=sys.stderr.isatty())
-            wall = time.perf_counter() - t0
-            device = resolve_device(tc.device)
-            ev = heldout_bpb(
-                run_dir,
-                data_dir,
-                meta,
-                device,
-                resolve_precision(tc.precision, device),
-                args.eval_tokens,
-            )
-            results[arch] = {
-                "params": params[arch],
-                "steps": steps[arch],
-                "train_wall_s": wall,
-                "tokens": steps[arch] * args.micro_batch * args.block_size,
-                "tok_per_s": last.get("tok_per_s"),
-                "train_loss": last.get("loss"),
-                "val_bpb_sampled": last.get("val_bpb"),
-                "heldout": ev,
-                "ffn_hidden": c.model.ffn_hidden,
-            }
-            print(
-                f"      {arch}: {wall:.0f} s, final train loss {last.get('loss', float('nan')):.3f}"
-                f", held-out {ev['bpb']:.4f} bpb (loss {ev['loss']:.3f} over {ev['tokens']:,}"
-                " tokens)",
-                flush=True,
-            )
-
-        ratio = results["llama"]["heldout"]["bpb"] / results["gpt2"]["heldout"]["bpb"]
-        print()
-        print(
-            f"{'arch':<6} {'params':>10} {'steps':>6} {'tokens':>10} {'train s':>8} "
-            f"{'tok/s':>7} {'train loss':>10} {'val bpb*':>8} {'held-out bpb':>12}"
-        )
-        for arch, r in results.items():
-            print(
-                f"{arch:<6} {r['params']:>10,} {r['steps']:>6} {r['tokens']:>10,} "
-                f"{r['train_wall_s']:>8.0f} {r['tok_per_s'] or 0:>7,.0f} {r['train_loss']:>10.3f} "
-                f"{r['val_bpb_sampled'] or float('nan'):>8.4f} {r['heldout']['bpb']:>12.4f}"
+                f"{a:<8} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16} "
+                f"{sm['wall_s'][0]:>12.0f} {sm['tok_per_s'][0]:>14,.0f}"
             )
         print(
-            "(train s: the whole azllm.train.train call, start-up and final eval/checkpoint "
-            "included; tok/s: over its last 10 steps; val bpb*: train()'s estimate from "
-            f"{8 * args.micro_batch} random held-out windows; held-out bpb: every held-out token)"
+            f"(mean ± stdev over {args.seeds} seed(s); held-out bpb: the peer's procedure for all "
+            "arms; wall: whole training call or peer process, shared machine)"
         )
-        side = "lower" if ratio <= 1 else "higher"
-        print(
-            f"bpb ratio llama/gpt2 = {ratio:.4f}: llama's held-out bpb is "
-            f"{100 * abs(1 - ratio):.1f}% {side} than gpt2's (target: >= 10% lower at 10 "
-            f"minutes); total {time.perf_counter() - t_all:.0f} s"
-        )
-        if args.json:
-            doc = {
-                "args": vars(args),
-                "tokens": {"train": tr["tokens"], "val": va["tokens"]},
-                "results": results,
-                "bpb_ratio_llama_over_gpt2": ratio,
-            }
-            Path(args.json).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        if "nanogpt" in summ:
+            for a in arms:
+                if a != "nanogpt":
+                    ratio = summ[a]["bpb"][0] / summ["nanogpt"]["bpb"][0]
+                    wall = summ[a]["wall_s"][0] / summ["nanogpt"]["wall_s"][0]
+                    print(f"{a}/nanogpt: bpb {ratio:.3f}x (target <= 0.90), wall {wall:.2f}x")
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from azllm.documents import iter_all_documents
+from azllm.documents import DOC_CHARS, iter_all_documents
 from azllm.errors import AzllmError
 from azllm.shards import TokenBatches, read_meta, tokenize_to_shards
 
@@ -48,13 +48,27 @@ def test_meta_matches_shards_and_documents_round_trip(data_dir, tok):
 
 def test_split_is_deterministic_and_order_independent(tmp_path, tok):
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
-    a.write_text("\n".join(f"Birinci fayl, sətir {i}: gözəl gün." for i in range(300)))
-    b.write_text("\n".join(f"İkinci fayl, sətir {i}: çox soyuq." for i in range(300)))
+    # blank lines between: a document per paragraph (without them, lines form long chunks)
+    a.write_text("\n\n".join(f"Birinci fayl, sətir {i}: gözəl gün." for i in range(300)))
+    b.write_text("\n\n".join(f"İkinci fayl, sətir {i}: çox soyuq." for i in range(300)))
     tokenize_to_shards(tok, [a, b], tmp_path / "x", val_fraction=0.2, progress=False)
     tokenize_to_shards(tok, [b, a], tmp_path / "y", val_fraction=0.2, progress=False)
     vx = sorted(_docs_from_split(tmp_path / "x", tok, "val"))
     vy = sorted(_docs_from_split(tmp_path / "y", tok, "val"))
     assert vx == vy and 80 < len(vx) < 160  # 20% of 600
+
+
+def test_file_without_blank_lines_is_running_text_with_its_line_breaks(tmp_path, tok):
+    """A verse-per-line file was a document per line (EOS between lines), so the model never
+    saw a line break in such text; now it is chunks of whole lines that keep them."""
+    lines = [f"Bu {i}-ci sətirdir, Bakıda hava bu gün çox gözəldir." for i in range(400)]
+    f = tmp_path / "verses.txt"
+    f.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tokenize_to_shards(tok, [f], tmp_path / "d", val_fraction=0.0, progress=False)
+    docs = _docs_from_split(tmp_path / "d", tok, "train")
+    assert "\n".join(docs).split("\n") == lines  # every line, in order, none cut
+    assert 3 <= len(docs) <= 10  # ~21 KB in chunks of about DOC_CHARS, not 400 documents
+    assert all(len(d) <= DOC_CHARS and d.count("\n") > 10 for d in docs)
 
 
 def test_refuses_non_empty_output_and_empty_corpus(tmp_path, tok):
