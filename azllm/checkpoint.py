@@ -23,7 +23,9 @@ portable artefact.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import json
 import pickle
 import re
 import shutil
@@ -33,8 +35,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -44,7 +46,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from azllm.atomic import move_dir_into_place
+from azllm.atomic import move_dir_into_place, temp_path
+from azllm.config import resolve_sizes
 from azllm.errors import AzllmError
 
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -74,30 +77,144 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in sd.items()}
 
 
-def _write_safetensors(sd: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(sd, str(tmp))
-    tmp.replace(path)
+# What a weights file records about the model it belongs to (safetensors metadata, strings):
+# the model config it was trained with and the sha256 of its run's tokenizer. A config.json or
+# tokenizer.json edited or swapped afterwards is then caught even where every tensor shape
+# still fits (n_head 6 -> 4 keeps q_proj n_embd x n_embd; a same-size tokenizer keeps the
+# embedding's shape).
+CONFIG_KEY = "azllm_model_config"
+TOKENIZER_KEY = "tokenizer_sha256"
+# Fields that do not change what the weights compute: SFT may raise dropout, and a llama run
+# may be given a longer context (gpt2's position table is shape-checked anyway).
+_FREE_FIELDS = {"dropout", "block_size"}
+
+
+def _model_config_json(model: torch.nn.Module) -> str:
+    return json.dumps(dataclasses.asdict(unwrap(model).cfg), sort_keys=True)
+
+
+def _tokenizer_sha256(path: Path) -> str | None:
+    from azllm.tokenizer import load_tokenizer
+
+    return load_tokenizer(path).sha256() if path.exists() else None
+
+
+def _weights_metadata(model: torch.nn.Module, run_dir: Path) -> dict[str, str]:
+    """Metadata for a run's weights file; the run's tokenizer.json is written before any
+    weights (train.py), so it is the tokenizer these weights were trained with."""
+    meta = {"format": "pt", CONFIG_KEY: _model_config_json(model)}
+    try:
+        sha = _tokenizer_sha256(Path(run_dir) / "tokenizer.json")
+    except AzllmError:  # damaged meanwhile: save the weights all the same, unrecorded
+        sha = None
+    if sha:
+        meta[TOKENIZER_KEY] = sha
+    return meta
+
+
+def _write_safetensors(sd: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
+    with temp_path(path) as tmp:
+        save_file(sd, str(tmp), metadata=metadata)
+        tmp.replace(path)
 
 
 def save_weights(model: torch.nn.Module, path: Path, write: bool = True) -> None:
     """Write safetensors atomically. Under FSDP every process calls; pass write=rank==0."""
     sd = model_state(model)
     if write:
-        _write_safetensors(sd, Path(path))
+        path = Path(path)
+        _write_safetensors(sd, path, _weights_metadata(model, path.parent))
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    path = Path(path)
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.exists():
         raise AzllmError(f"{path}: weights file not found")
     try:
-        sd = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise AzllmError(
             f"{path}: truncated or corrupt weights ({str(e).splitlines()[0]}); "
             "use another checkpoint or retrain"
         ) from None
+
+
+def _short(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def check_model_config(recorded: str | None, model: torch.nn.Module, where: Path) -> None:
+    """The model config recorded with the weights must be the one the model is built from."""
+    if not recorded:
+        return  # weights written before azllm recorded it: the shape check still applies
+    try:
+        saved = json.loads(recorded)
+    except json.JSONDecodeError:
+        saved = None
+    if not isinstance(saved, dict):
+        raise AzllmError(f"{where}: corrupt {CONFIG_KEY} metadata; retrain or re-save")
+    saved, now = resolve_sizes(saved), dataclasses.asdict(unwrap(model).cfg.resolved())
+    diff = [
+        f"{k}={now[k]!r} (weights: {saved[k]!r})"
+        for k in sorted(set(saved) & set(now) - _FREE_FIELDS)
+        if saved[k] != now[k]
+    ]
+    if diff:
+        raise AzllmError(
+            f"{where}: config.json does not match the config these weights were trained with: "
+            f"{_short(diff)}; put the run's own config.json back"
+        )
+
+
+def check_tensors(sd: dict[str, torch.Tensor], model: torch.nn.Module, where: Path) -> None:
+    """Every tensor the model needs, of the right shape, and nothing else (a config with more
+    layers, or an untied lm_head, would otherwise leave those weights at random init)."""
+    inner = unwrap(model)
+    # DTensor.shape (FSDP2) is the full shape, so this holds on a sharded model too
+    want = {k: tuple(v.shape) for k, v in inner.state_dict().items()}
+    if _tied(model):
+        want.pop("lm_head.weight", None)
+    missing = sorted(set(want) - set(sd))
+    extra = sorted(set(sd) - set(want))
+    wrong = [
+        f"{k} {tuple(sd[k].shape)} vs {want[k]}"
+        for k in sorted(set(want) & set(sd))
+        if tuple(sd[k].shape) != want[k]
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {_short(missing)}")
+    if extra:
+        problems.append(f"not in the model {_short(extra)}")
+    if wrong:
+        problems.append(f"wrong shape {_short(wrong)}")
+    if problems:
+        raise AzllmError(
+            f"{where}: weights do not fit the model config.json describes "
+            f"({'; '.join(problems)}); put the run's own config.json back"
+        )
+
+
+def load_weights(model: torch.nn.Module, path: Path, tokenizer_sha256: str | None = None) -> None:
+    """Load a weights file strictly: the one check every command that builds a model from
+    files goes through (generate, chat, serve, eval, export via load_run; SFT init).
+
+    tokenizer_sha256: the tokenizer the weights will be used with; by default the
+    tokenizer.json beside the weights file, when there is one."""
+    path = Path(path)
+    sd, meta = _read_safetensors(path)
+    check_model_config(meta.get(CONFIG_KEY), model, path)
+    check_tensors(sd, model, path)
+    recorded = meta.get(TOKENIZER_KEY)
+    if recorded:
+        if tokenizer_sha256 is None:
+            tokenizer_sha256 = _tokenizer_sha256(path.parent / "tokenizer.json")
+        if tokenizer_sha256 is not None and tokenizer_sha256 != recorded:
+            raise AzllmError(
+                f"{path}: trained with a different tokenizer than {path.parent}/tokenizer.json "
+                f"(sha256 {recorded[:12]}, that file {tokenizer_sha256[:12]}); put the run's "
+                "own tokenizer.json back"
+            )
     if _tied(model) and "embed.weight" in sd:
         sd["lm_head.weight"] = sd["embed.weight"]
     try:
@@ -201,7 +318,9 @@ def save_checkpoint(
     target = run_dir / "checkpoints" / f"step-{step}"
     tmp = target.with_name(f".{target.name}.tmp")
     if write:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
+        # left by runs killed mid-save (one writer per run: none of these is being written)
+        for stale in tmp.parent.glob(".step-*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     if _distributed():
         dist.barrier()  # the folder exists before anyone writes into it
@@ -218,10 +337,11 @@ def save_checkpoint(
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "world_size": dist.get_world_size() if _distributed() else 1,
+        "model_config": _model_config_json(model),
     }
     torch.save(trainer, tmp / "trainer.pt")
     move_dir_into_place(tmp, target)  # a re-run of the same step replaces it only now
-    _write_safetensors(weights, run_dir / "model.safetensors")
+    _write_safetensors(weights, run_dir / "model.safetensors", _weights_metadata(model, run_dir))
     for old in checkpoint_dirs(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return target
@@ -240,6 +360,7 @@ def load_checkpoint(ckpt_dir: Path, model, optimizer, scaler) -> dict:
     {"step", "best_val_loss"}. DCP reshards to the current strategy and process count."""
     ckpt_dir = Path(ckpt_dir)
     trainer = _load_trainer(ckpt_dir / "trainer.pt")
+    check_model_config(trainer.get("model_config"), model, ckpt_dir)
     _check_metadata(ckpt_dir)
     msd, osd = get_state_dict(unwrap(model), optimizer)
     state = {"model": msd, "optimizer": osd}
@@ -294,5 +415,5 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu", weights: str = "
     if weights not in ("model", "best"):
         raise AzllmError(f"--weights {weights}: use 'model' (latest) or 'best'")
     model = GPT(cfg.model)
-    load_weights(model, run_dir / f"{weights}.safetensors")
+    load_weights(model, run_dir / f"{weights}.safetensors", tokenizer_sha256=tok.sha256())
     return model.to(device).eval(), tok, cfg

@@ -25,6 +25,7 @@ EXTRA_MODULES = {
     "hf": ("transformers",),
     "gguf": ("gguf", "llama_cpp"),
     "datatrove": ("datatrove",),
+    "tune": ("optuna",),
 }
 
 

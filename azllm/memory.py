@@ -71,29 +71,36 @@ class _Params:
     head_cast: int  # lm_head weight (V x d), cast whether tied or not
     largest: int  # the largest single tensor (the embedding): optimizer temporaries
     tensors: list[int]  # numel of every parameter tensor (bitsandbytes' per-tensor rule)
+    block_matrices: int = 0  # 2D weights inside the blocks, all layers: Muon's parameters
 
 
 def param_counts(m: ModelConfig) -> _Params:
-    d, kv, f, v = m.n_embd, m.n_kv_head * m.head_dim, m.ffn_hidden, m.vocab_size
+    d, kv, f, v = m.n_embd, m.kv_heads * m.head_dim, m.ffn_dim, m.vocab_size
     if m.arch == "llama":
         linears = [d * d, d * kv, d * kv, d * d, d * f, d * f, f * d]
-        norms = [d, d]
+        matrices = linears
+        norms = [d, d] + ([m.head_dim, m.head_dim] if m.qk_norm else [])
     else:  # biases on every Linear, LayerNorm has weight and bias
         linears = [d * d, d, d * kv, kv, d * kv, kv, d * d, d, d * f, f, f * d, d]
+        matrices = linears[::2]
         norms = [d, d, d, d]
     block = sum(linears) + sum(norms)
     head = [v * d] + ([m.block_size * d] if m.arch == "gpt2" else [])
     head += [d] if m.arch == "llama" else [d, d]
     head += [] if m.tie_embeddings else [v * d]
     tensors = head + (linears + norms) * m.n_layer
-    return _Params(sum(tensors), block, sum(linears), v * d, max(tensors), tensors)
+    return _Params(
+        sum(tensors), block, sum(linears), v * d, max(tensors), tensors, sum(matrices) * m.n_layer
+    )
 
 
-def optimizer_bytes(p: _Params, state: str) -> int:
-    if state == "fp32":
-        return 8 * p.total
-    if state == "bf16":
-        return 4 * p.total
+def optimizer_bytes(p: _Params, state: str, optimizer: str = "adamw") -> int:
+    """AdamW: two moments per parameter. Muon (optim.Muon): one momentum buffer per block
+    matrix, AdamW's two for everything else."""
+    if state in ("fp32", "bf16"):
+        per = 4 if state == "fp32" else 2
+        muon = p.block_matrices if optimizer == "muon" else 0
+        return per * (2 * (p.total - muon) + muon)
     if state == "8bit":
         return sum(
             2 * n + 8 * math.ceil(n / BNB_BLOCK) if n >= BNB_MIN_8BIT_SIZE else 8 * n
@@ -129,7 +136,7 @@ def _block_saved(m: ModelConfig, b: int, t: int, half: bool, device_type: str) -
     Under autocast the residual stream and the norms stay fp32; each Linear casts its input
     to half on its own (q, k, v: three copies; gate, up: two), and saves that copy.
     """
-    n, d, f, kv = b * t, m.n_embd, m.ffn_hidden, m.n_kv_head * m.head_dim
+    n, d, f, kv = b * t, m.n_embd, m.ffn_dim, m.kv_heads * m.head_dim
     h = 2 if half else 4
     if m.arch == "llama":
         out = 2 * (8 * n * d + 4 * n)  # 2 RMSNorms: fp32 input, normalised x, rsqrt
@@ -156,9 +163,7 @@ def _block_backward_workspace(m: ModelConfig, b: int, t: int, half: bool) -> int
     of the MLP (SwiGLU's product has two, GELU one). Measured: the block frees what it saved
     about as fast as it makes gradients; az-100m at micro-batch 8 needed SwiGLU's second."""
     n = b * t
-    return (
-        8 * n * m.n_embd + (2 if m.arch == "llama" else 1) * (2 if half else 4) * n * m.ffn_hidden
-    )
+    return 8 * n * m.n_embd + (2 if m.arch == "llama" else 1) * (2 if half else 4) * n * m.ffn_dim
 
 
 def _head_saved(m: ModelConfig, b: int, t: int, half: bool, chunked: bool) -> int:
@@ -219,7 +224,7 @@ def _phases(
     h = 2 if half else 4
     base = {
         "weights": 4 * p.total,
-        "optimizer": optimizer_bytes(p, optimizer_state),
+        "optimizer": optimizer_bytes(p, optimizer_state, cfg.train.optimizer),
         "ddp_buckets": 4 * p.total if world > 1 else 0,  # DDP's flat copy of the gradients
     }
     g_prev = 4 * p.total if grad_accum > 1 else 0  # earlier micro-batches' gradients

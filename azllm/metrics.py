@@ -103,7 +103,23 @@ def _plot_loss(run_dir: Path) -> Path:
     records = read_metrics(run_dir)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    # --eval-tasks: {"step", "tasks": {name: score}} records get a second panel, accuracy
+    tasks: dict[str, list] = {}
+    for r in records:
+        if isinstance(r.get("tasks"), dict):
+            for name, v in r["tasks"].items():
+                if _number(v):
+                    tasks.setdefault(name, []).append((r["step"], v))
+    if tasks:
+        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 6.5), dpi=100, sharex=True)
+        for name, pts in sorted(tasks.items()):
+            ax2.plot(*zip(*pts, strict=True), "o-", label=name, markersize=3)
+        ax2.set_ylabel("task accuracy")
+        ax2.set_ylim(0, 1)
+        ax2.grid(alpha=0.3)
+        ax2.legend()
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     try:
         if train:
             ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)

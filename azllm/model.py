@@ -59,7 +59,7 @@ class KVCache:
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> None:
-        shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
+        shape = (cfg.n_layer, batch, cfg.kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
@@ -102,18 +102,24 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         bias = cfg.arch == "gpt2"
-        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=bias)
         self.o_proj.residual = True  # depth-scaled init (see GPT._init_weights)
         self.dropout = cfg.dropout
+        if cfg.qk_norm:  # Qwen3's q_norm/k_norm: one gain vector per head_dim, shared by heads
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
     def forward(self, x, rope, layer: int, cache: KVCache | None, mask):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv_head, self.head_dim)
+        if hasattr(self, "q_norm"):  # before RoPE, as in Qwen3
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -139,13 +145,13 @@ class MLP(nn.Module):
         super().__init__()
         self.llama = cfg.arch == "llama"
         if self.llama:  # SwiGLU
-            self.gate_proj = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
-            self.up_proj = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
-            self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=False)
+            self.gate_proj = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=False)
+            self.up_proj = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=False)
+            self.down_proj = nn.Linear(cfg.ffn_dim, cfg.n_embd, bias=False)
             self.down_proj.residual = True
         else:
-            self.fc = nn.Linear(cfg.n_embd, cfg.ffn_hidden)
-            self.proj = nn.Linear(cfg.ffn_hidden, cfg.n_embd)
+            self.fc = nn.Linear(cfg.n_embd, cfg.ffn_dim)
+            self.proj = nn.Linear(cfg.ffn_dim, cfg.n_embd)
             self.proj.residual = True
 
     def forward(self, x):
@@ -171,13 +177,36 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
-def _ce_sum(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(x, weight).float()
-    return F.cross_entropy(logits, targets, ignore_index=-1, reduction="sum")
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap): logits bounded by +-cap, unchanged near 0 (Gemma 2's)."""
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
+def _ce_sum(
+    logits: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0, cap: float = 0.0
+) -> torch.Tensor:
+    """Summed cross-entropy (fp32) of logits [N, V] against targets [N] (-1: no loss), plus
+    z_loss * logsumexp(logits)^2 per counted token (PaLM's z-loss: keeps the softmax
+    normaliser near 1, so logits do not drift)."""
+    logits = softcap(logits.float(), cap)
+    ce = F.cross_entropy(logits, targets, ignore_index=-1, reduction="sum")
+    if z_loss:
+        lse = torch.logsumexp(logits, dim=-1)
+        ce = ce + z_loss * (lse.square() * (targets != -1)).sum()
+    return ce
+
+
+def _head_ce_sum(x, weight, targets, z_loss: float, cap: float) -> torch.Tensor:
+    return _ce_sum(F.linear(x, weight), targets, z_loss, cap)
 
 
 def chunked_cross_entropy(
-    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int,
+    z_loss: float = 0.0,
+    cap: float = 0.0,
 ) -> torch.Tensor:
     """Mean cross-entropy of lm_head(x) without ever holding all (tokens x vocab) logits.
 
@@ -188,7 +217,13 @@ def chunked_cross_entropy(
     total = x.new_zeros((), dtype=torch.float32)
     for i in range(0, targets.numel(), chunk):
         total = total + checkpoint(
-            _ce_sum, x[i : i + chunk], weight, targets[i : i + chunk], use_reentrant=False
+            _head_ce_sum,
+            x[i : i + chunk],
+            weight,
+            targets[i : i + chunk],
+            z_loss,
+            cap,
+            use_reentrant=False,
         )
     return total / (targets != -1).sum().clamp(min=1)
 
@@ -197,10 +232,16 @@ class GPT(nn.Module):
     """The model. Training-only memory savers are fixed at construction, never set from outside:
     activation_checkpointing recomputes each block in backward instead of keeping its
     activations; ce_chunk > 0 computes the loss over that many tokens at a time (no logits
-    returned), so the full batch x context x vocab logits never exist."""
+    returned), so the full batch x context x vocab logits never exist. z_loss > 0 adds the
+    z-loss term to the loss in training mode (model.train()) only: evaluation stays pure CE."""
 
     def __init__(
-        self, cfg: ModelConfig, *, activation_checkpointing: bool = False, ce_chunk: int = 0
+        self,
+        cfg: ModelConfig,
+        *,
+        activation_checkpointing: bool = False,
+        ce_chunk: int = 0,
+        z_loss: float = 0.0,
     ) -> None:
         super().__init__()
         cfg.validate()
@@ -224,6 +265,7 @@ class GPT(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.activation_checkpointing = activation_checkpointing
         self.ce_chunk = ce_chunk
+        self.z_loss = z_loss
         self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module) -> None:
@@ -281,7 +323,7 @@ class GPT(nn.Module):
             x = x[:, -1:]
         if targets is not None and self.ce_chunk:
             return None, self.loss(x, targets)
-        logits = self.lm_head(x)
+        logits = softcap(self.lm_head(x), self.cfg.logit_softcap)
         return logits, (self.loss(x, targets, logits) if targets is not None else None)
 
     def loss(
@@ -289,13 +331,21 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Mean next-token cross-entropy of final hidden states x [B, T, C] (targets -1: none).
 
-        In fp32 whatever the autocast dtype; in chunks when ce_chunk is set (logits ignored)."""
+        In fp32 whatever the autocast dtype; in chunks when ce_chunk is set (logits ignored).
+        logits, when given, are already soft-capped (forward)."""
+        z = self.z_loss if self.training else 0.0
+        cap = self.cfg.logit_softcap
         if self.ce_chunk:
-            return chunked_cross_entropy(x, self.lm_head.weight, targets, self.ce_chunk)
-        logits = self.lm_head(x) if logits is None else logits
-        return F.cross_entropy(
-            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
-        )
+            # the weight lm_head's forward uses (fake-quantized under QAT: azllm/quant.py)
+            head = getattr(self.lm_head, "fake_quantized_weight", None)
+            w = head() if head is not None else self.lm_head.weight
+            return chunked_cross_entropy(x, w, targets, self.ce_chunk, z, cap)
+        if logits is None:
+            logits = softcap(self.lm_head(x), cap)
+        logits, targets = logits.float().view(-1, logits.size(-1)), targets.reshape(-1)
+        if not z:
+            return F.cross_entropy(logits, targets, ignore_index=-1)
+        return _ce_sum(logits, targets, z) / (targets != -1).sum().clamp(min=1)
 
     def _positions_and_mask(
         self,

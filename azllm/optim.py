@@ -1,5 +1,8 @@
 """Optimizers and the learning-rate schedule.
 
+train.optimizer = "adamw" (default) or "muon": Muon (below) for the blocks' matrices and AdamW
+for the rest, in one optimizer object.
+
 AdamW with its two moment estimates in fp32 (torch's), bf16, or 8-bit: optimizer state is 8
 bytes per parameter in fp32, the largest single item when training a 100M model in 4 GB; bf16
 states halve it, 8-bit (bitsandbytes, CUDA) quarters it.
@@ -11,6 +14,7 @@ import math
 
 import torch
 
+from azllm.config import derived_lr
 from azllm.errors import AzllmError
 
 
@@ -34,27 +38,105 @@ class AdamWBf16State(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            for p in group["params"]:
+                if p.grad is not None:
+                    adamw_update(p, self.state[p], group, torch.bfloat16)
+
+
+def adamw_update(p: torch.Tensor, state: dict, group: dict, state_dtype: torch.dtype) -> None:
+    """One AdamW step of p, moments stored in state_dtype, computed in fp32."""
+    (beta1, beta2), lr, wd, eps = group["betas"], group["lr"], group["weight_decay"], group["eps"]
+    if not state:
+        state["step"] = torch.zeros((), dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype)
+    state["step"] += 1
+    t = float(state["step"])
+    g = p.grad.float()
+    m = state["exp_avg"].float().lerp_(g, 1 - beta1)
+    v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    state["exp_avg"].copy_(m)
+    state["exp_avg_sq"].copy_(v)
+    if wd:
+        p.mul_(1 - lr * wd)
+    denom = (v / (1 - beta2**t)).sqrt_().add_(eps)
+    p.addcdiv_(m.to(p.dtype), denom.to(p.dtype), value=-lr / (1 - beta1**t))
+
+
+def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The nearest semi-orthogonal matrix to g (U V^T of its SVD), approximately, in five
+    matrix products: the quintic Newton-Schulz iteration of Muon (Keller Jordan's modded-nanogpt,
+    also nanochat's). Its coefficients trade exactness (singular values end in ~[0.7, 1.2]) for
+    speed; bf16 on GPUs, fp32 on a CPU (where bf16 matmuls are slow without AMX)."""
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / (x.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    a, b, c = 3.4445, -4.7750, 2.0315
+    for _ in range(steps):
+        s = x @ x.mT
+        x = a * x + (b * s + c * s @ s) @ x
+    return x.mT if tall else x
+
+
+def _orthogonalized(u: torch.Tensor) -> torch.Tensor:
+    """newton_schulz of u; under FSDP2 u is a row shard (DTensor) of the matrix: the full matrix
+    is gathered, orthogonalised (every process the same, deterministic) and each process keeps
+    its own rows. Orthogonalising shards separately would be a different, wrong update."""
+    if not hasattr(u, "full_tensor"):
+        return newton_schulz(u)
+    from torch.distributed.tensor import DTensor, Replicate
+
+    full = newton_schulz(u.full_tensor())
+    mesh = u.device_mesh
+    return DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False).redistribute(
+        mesh, u.placements
+    )
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for the groups marked muon=True (2D matrices), AdamW for the other groups.
+
+    One optimizer, so the training step, the grad scaler and the checkpoints (DCP: model and
+    optimizer state, resharded across process counts) treat it as they treat AdamW.
+    Muon: momentum buffer m <- beta*m + (1-beta)*g; Nesterov update u = (1-beta)*g + beta*m,
+    orthogonalised (newton_schulz), scaled by sqrt(max(1, rows/cols)) so every matrix moves by
+    the same RMS per step. One state per matrix against AdamW's two. state_dtype: bf16 halves
+    both (the update itself is computed in fp32).
+    """
+
+    def __init__(self, groups, *, lr: float, betas, momentum: float, state_dtype) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, eps=1e-8, weight_decay=0.0, momentum=momentum, muon=False
+        )
+        super().__init__(groups, defaults)
+        self.state_dtype = state_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
-                state["step"] += 1
-                t = float(state["step"])
-                g = p.grad.float()
-                m = state["exp_avg"].float().lerp_(g, 1 - beta1)
-                v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                state["exp_avg"].copy_(m)
-                state["exp_avg_sq"].copy_(v)
-                if wd:
-                    p.mul_(1 - lr * wd)
-                denom = (v / (1 - beta2**t)).sqrt_().add_(eps)
-                p.addcdiv_(m.to(p.dtype), denom.to(p.dtype), value=-lr / (1 - beta1**t))
+                if group["muon"]:
+                    self._muon(p, group)
+                else:
+                    adamw_update(p, self.state[p], group, self.state_dtype)
+
+    def _muon(self, p: torch.Tensor, group: dict) -> None:
+        beta, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
+        state = self.state[p]
+        if not state:
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=self.state_dtype)
+        g = p.grad.float()
+        m = state["momentum_buffer"].float().lerp_(g, 1 - beta)
+        state["momentum_buffer"].copy_(m)
+        update = _orthogonalized(g.lerp(m, beta))  # Nesterov: g + beta * (m - g)
+        if wd:
+            p.mul_(1 - lr * wd)
+        scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+        p.add_(update.to(p.dtype), alpha=-lr * scale)
 
 
 def make_adamw(groups, *, lr: float, betas, state: str, device: torch.device):
@@ -75,7 +157,16 @@ def make_adamw(groups, *, lr: float, betas, state: str, device: torch.device):
 
 
 def make_optimizer(model: torch.nn.Module, tc, device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer of a TrainConfig, with its parameter groups."""
+    """The optimizer of a TrainConfig, with its parameter groups.
+
+    train.lr = 0 (derive) is filled in from the model's width here (config.fill_derived), so
+    every caller's lr_at(step, tc) follows. A group with "lr_scale" runs at lr * lr_scale
+    (step.TrainStep): Muon's matrices at train.muon_lr on the same schedule shape.
+    """
+    if tc.lr == 0:
+        tc.lr = derived_lr(model.cfg)
+    if tc.optimizer == "muon":
+        return make_muon(model, tc)
     # Matrices decay; biases and norm gains do not (decaying them only hurts).
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
@@ -85,6 +176,27 @@ def make_optimizer(model: torch.nn.Module, tc, device: torch.device) -> torch.op
     ]
     return make_adamw(
         groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), state=tc.optimizer_state, device=device
+    )
+
+
+def make_muon(model: torch.nn.Module, tc) -> Muon:
+    """Muon for the 2D weights inside the blocks; AdamW (at train.lr) for the embeddings, the
+    head and the 1D gains and biases, whose gradients are not matrices of a linear map."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    muon = [p for n, p in named if n.startswith("blocks.") and p.dim() == 2]
+    mats = [p for n, p in named if not n.startswith("blocks.") and p.dim() >= 2]
+    gains = [p for n, p in named if p.dim() < 2]
+    groups = [
+        {"params": muon, "muon": True, "lr_scale": tc.muon_lr / tc.lr},
+        {"params": mats, "weight_decay": tc.weight_decay},
+        {"params": gains},
+    ]
+    return Muon(
+        [g for g in groups if g["params"]],
+        lr=tc.lr,
+        betas=(tc.beta1, tc.beta2),
+        momentum=tc.muon_momentum,
+        state_dtype=torch.bfloat16 if tc.optimizer_state == "bf16" else torch.float32,
     )
 
 

@@ -65,8 +65,8 @@ class TrainStep:
         Returns (mean loss over the micro-batches, gradient norm before clipping), both still
         on the device.
         """
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # lr_scale: a group's lr relative to lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
             part = batch.rows(slice(micro * self.micro_batch, (micro + 1) * self.micro_batch))

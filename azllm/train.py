@@ -32,7 +32,7 @@ from azllm.checkpoint import (
     save_weights,
     unwrap,
 )
-from azllm.config import Config, load_run_config
+from azllm.config import Config, fill_derived, load_run_config
 from azllm.device import (
     DTYPES,
     autocast,
@@ -46,6 +46,7 @@ from azllm.loader import Prefetcher
 from azllm.metrics import MetricsLog, plot_loss
 from azllm.model import GPT
 from azllm.optim import lr_at, make_optimizer
+from azllm.quant import apply_qat, check_qat
 from azllm.shards import TokenBatches
 from azllm.step import TrainStep
 from azllm.tokenizer import load_tokenizer
@@ -125,7 +126,8 @@ def prepare_run(cfg: Config, meta: dict, label: str, run_dir: Path, resume: bool
     """Take the vocab from the data, check it against an existing run, return the final config."""
     if resume:
         saved = load_run_config(run_dir)
-        if dataclasses.replace(cfg.model, vocab_size=saved.model.vocab_size) != saved.model:
+        given = dataclasses.replace(cfg.model, vocab_size=saved.model.vocab_size)
+        if given.resolved() != saved.model.resolved():
             raise AzllmError(
                 f"{run_dir}/config.json: the model config given differs from the "
                 "run's; resume with the same --config and model overrides"
@@ -194,14 +196,18 @@ def train(
     resume: bool = False,
     progress: bool = True,
     init_weights: Path | None = None,
+    task_eval=None,
 ) -> dict:
     """Train (or resume) on `data` and return the last logged metrics.
 
     data: a batch.BatchSource (chat data, ...), or a folder of token shards. init_weights starts
-    a new run from another run's weights.
+    a new run from another run's weights. task_eval (azllm.evaluate.training.TaskEval) logs task
+    accuracy at its own interval (--eval-tasks).
     """
     cfg.validate()
     tc = cfg.train
+    if tc.qat:  # before anything is written: a type we can fake-quantize, rows in its blocks
+        check_qat(cfg.model, tc.qat)
     d, device = setup_distributed(tc.device)
     precision = resolve_precision(tc.precision, device)
     run_dir = Path(run_dir)
@@ -213,7 +219,7 @@ def train(
             "stop it at a different step); use train.max_steps under torchrun"
         )
     data = open_source(data, cfg)
-    cfg = prepare_run(cfg, data.meta, data.label, run_dir, resume)
+    cfg = fill_derived(prepare_run(cfg, data.meta, data.label, run_dir, resume))  # train.lr=0
 
     # Global batch: sequences per optimizer step over all processes.
     if tc.global_batch:
@@ -237,7 +243,10 @@ def train(
         cfg.model,
         activation_checkpointing=tc.activation_checkpointing,
         ce_chunk=tc.chunked_ce,
+        z_loss=tc.z_loss,
     ).to(device)
+    if tc.qat:  # GGUF's fake quantization, on the plain modules before FSDP/compile wrap them
+        apply_qat(model, tc.qat)
     fsdp = d.world > 1 and tc.strategy == "fsdp"
     if fsdp:  # before the optimizer: it must see the sharded parameters
         shard_fsdp(model, precision)
@@ -312,6 +321,10 @@ def train(
         model.train()
         return total.item() / tc.eval_batches
 
+    if task_eval is not None:  # tasks are read (and bad files refused) before the first step
+        task_eval.load()
+        eval_tok = load_tokenizer(run_dir / "tokenizer.json")
+
     last: dict = {}
     # The batch of step s is batch s-1 of the source (its rows k*n.. for k = 0, 1, ...).
     batches = Prefetcher(
@@ -381,6 +394,14 @@ def train(
                         trained = f"train loss {last['loss']:.4f}, " if "loss" in last else ""
                         speed = f", {last['tok_per_s']:,.0f} tok/s" if "tok_per_s" in last else ""
                         say(f"step {step}: {trained}val loss {val:.4f}, {bpb:.3f} bpb{speed}")
+
+            if task_eval is not None and task_eval.due(step, final) and not fsdp:
+                with clock.pause():  # the main process scores; FSDP shards would need all
+                    if d.master:
+                        scores = task_eval.scores(unwrap(model), eval_tok, amp_precision)
+                        log.write(step=step, tasks=scores)
+                        plot_loss(run_dir)
+                        say(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
 
             if step % tc.ckpt_interval == 0 or final:
                 with clock.pause():

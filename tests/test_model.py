@@ -14,7 +14,12 @@ def tiny(arch="llama", **kw) -> GPT:
     return GPT(cfg).eval()
 
 
-ARCHS = [("llama", {}), ("gpt2", {}), ("llama", {"n_kv_head": 2})]
+ARCHS = [
+    ("llama", {}),
+    ("gpt2", {}),
+    ("llama", {"n_kv_head": 2}),
+    ("llama", {"n_kv_head": 2, "qk_norm": True, "logit_softcap": 10.0}),
+]
 
 
 @pytest.mark.parametrize("arch,kw", ARCHS)
@@ -168,3 +173,30 @@ def test_packed_loss_and_gradients_under_activation_checkpointing():
     assert packed.item() == pytest.approx(plain.item(), abs=1e-5)
     for n, p in m.named_parameters():
         assert torch.allclose(p.grad, grads[n], atol=1e-5), n
+
+
+# ---- config: derived sizes (n_kv_head, ffn_hidden: 0 = derive) ------------------------------
+
+
+def test_derived_sizes_are_properties_and_saved_raw(tmp_path):
+    import json
+
+    from azllm.config import Config, apply_overrides, load_config, load_run_config
+
+    cfg = load_config("baby")
+    assert (cfg.model.n_kv_head, cfg.model.ffn_hidden) == (0, 0)  # as the user wrote them
+    assert (cfg.model.kv_heads, cfg.model.ffn_dim) == (6, 1024)
+    wide = apply_overrides(cfg, {"model.n_embd": 768, "model.n_head": 12})
+    assert (wide.model.kv_heads, wide.model.ffn_dim) == (12, 2048)  # derived again, no reset
+    gpt2 = apply_overrides(cfg, {"model.arch": "gpt2"})
+    assert gpt2.model.ffn_dim == 4 * 384
+    explicit = apply_overrides(cfg, {"model.ffn_hidden": 512, "model.n_kv_head": 2})
+    assert (explicit.model.kv_heads, explicit.model.ffn_dim) == (2, 512)
+    assert apply_overrides(explicit, {"model.n_embd": 768}).model.ffn_dim == 512  # user's value
+    # config.json keeps 0 = derive; an old one with the sizes written out means the same model
+    assert cfg.to_dict()["model"]["ffn_hidden"] == 0
+    old = Config(model=cfg.model.resolved())
+    (tmp_path / "config.json").write_text(json.dumps(old.to_dict()))
+    loaded = load_run_config(tmp_path)
+    assert loaded.model.ffn_hidden == 1024 and loaded.model.resolved() == cfg.model.resolved()
+    assert GPT(loaded.model).num_params() == GPT(cfg.model).num_params()

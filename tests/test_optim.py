@@ -1,8 +1,10 @@
 import pytest
 import torch
 
+from azllm.config import apply_overrides, derived_lr, fill_derived, load_config
 from azllm.errors import AzllmError
-from azllm.optim import AdamWBf16State, make_adamw
+from azllm.model import GPT
+from azllm.optim import AdamWBf16State, lr_at, make_adamw, make_optimizer
 
 
 def test_bf16_state_adamw_follows_torch_adamw():
@@ -30,3 +32,28 @@ def test_8bit_states_need_cuda_and_bitsandbytes():
     p = [torch.nn.Parameter(torch.zeros(2))]
     with pytest.raises(AzllmError, match="8bit"):
         make_adamw(p, lr=1e-3, betas=(0.9, 0.95), state="8bit", device=torch.device("cpu"))
+
+
+def test_lr_follows_width_when_not_set(tmp_path):
+    """train.lr = 0 (the default): AdamW's peak lr from the width, lr ~ n_embd^-0.75 (the
+    presets' former hand-set values: baby 1e-3, small 8e-4, az-100m 6e-4, within 3%)."""
+    hand_set = {"baby": 1e-3, "small": 8e-4, "az-100m": 6e-4}
+    for preset, lr in hand_set.items():
+        cfg = load_config(preset)
+        assert cfg.train.lr == 0
+        assert derived_lr(cfg.model) == pytest.approx(lr, rel=0.03)
+        assert fill_derived(cfg).train.lr == derived_lr(cfg.model)
+    narrow, wide = (apply_overrides(load_config("baby"), {"model.n_embd": w}) for w in (192, 768))
+    assert derived_lr(narrow.model) / derived_lr(wide.model) == pytest.approx(4**0.75)
+    # set by the user: kept
+    assert fill_derived(apply_overrides(load_config("baby"), {"lr": 2e-3})).train.lr == 2e-3
+    toml = tmp_path / "c.toml"
+    toml.write_text('preset = "small"\n[model]\nn_embd = 256\n[train]\nlr = 0\n')
+    cfg = load_config(str(toml))
+    assert fill_derived(cfg).train.lr == pytest.approx(1e-3 * 1.5**0.75)
+    # every caller of make_optimizer gets it too, and lr_at follows
+    cfg = load_config("baby")
+    cfg.model.vocab_size = 64
+    opt = make_optimizer(GPT(cfg.model), cfg.train, torch.device("cpu"))
+    assert cfg.train.lr == opt.param_groups[0]["lr"] == derived_lr(cfg.model)
+    assert lr_at(cfg.train.warmup_steps, cfg.train) == pytest.approx(cfg.train.lr)

@@ -52,6 +52,7 @@ def sft(
     progress: bool = True,
     pack: bool = True,
     epochs: float = 3.0,
+    task_eval=None,
 ) -> dict:
     """Fine-tune base_run's weights on the dialogues in data_paths into out_run.
 
@@ -98,4 +99,12 @@ def sft(
         if progress:
             rows = len(data.rows["train"])
             print(f"{epochs:g} epochs of {rows} rows: {cfg.train.max_steps} steps")
-    return train(cfg, data, out_run, init_weights=weights, resume=resume, progress=progress)
+    return train(
+        cfg,
+        data,
+        out_run,
+        init_weights=weights,
+        resume=resume,
+        progress=progress,
+        task_eval=task_eval,  # --eval-tasks: accuracy in chat form while fine-tuning
+    )

@@ -48,10 +48,25 @@ def cmd_export_hf(args) -> int:
     return 0
 
 
+def _kind(args, default: str) -> str:
+    """--type, or the type a QAT run was trained for, or `default`; a note when --type
+    quantizes a QAT run by another rule than the one it was trained for."""
+    from azllm.export.gguf import trained_kind
+
+    trained = trained_kind(args.run)
+    if args.type and trained and args.type.lower() != trained:
+        print(
+            f"note: {args.run} was trained for {trained} (QAT); --type {args.type} stores other "
+            f"weights than the ones it trained with (omit --type for {trained})"
+        )
+    return args.type or trained or default
+
+
 def cmd_export_gguf(args) -> int:
     require("gguf", "azllm export gguf", modules=["gguf"])  # K-quants also need llama_cpp
     from azllm.export.gguf import export_gguf
 
+    args.type = _kind(args, "f16")
     out = export_gguf(args.run, args.out, args.type, weights=args.weights, force=args.force)
     print(f"wrote {out} ({args.type}, {_size(out)})")
     _note_fallback(out, args.type)
@@ -62,6 +77,7 @@ def cmd_export_ollama(args) -> int:
     require("gguf", "azllm export ollama", modules=["gguf"])  # K-quants also need llama_cpp
     from azllm.export.ollama import export_ollama
 
+    args.type = _kind(args, "q4_k_m")
     out, command = export_ollama(
         args.run, args.out, args.type, name=args.name, weights=args.weights, force=args.force
     )
@@ -88,14 +104,14 @@ def register(subparsers) -> None:
     p.add_argument(
         "--type",
         choices=TYPES,
-        default="f16",
-        help="f32|f16|q8_0|q4_0 written by azllm; q4_k_m|q5_k_m by llama.cpp",
+        help="f32|f16|q8_0|q4_0 written by azllm; q4_k_m|q5_k_m by llama.cpp (default: f16, "
+        "or the type a QAT run was trained for)",
     )
     p.set_defaults(func=cmd_export_gguf)
 
     p = exs.add_parser("ollama", help="GGUF + Modelfile for `ollama create`")
     _common(p)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--type", choices=TYPES, default="q4_k_m")
+    p.add_argument("--type", choices=TYPES, help="default: q4_k_m, or a QAT run's type")
     p.add_argument("--name", default=None, help="Ollama model name (default: the run's name)")
     p.set_defaults(func=cmd_export_ollama)

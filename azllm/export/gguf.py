@@ -34,6 +34,7 @@ from azllm.atomic import temp_path, terminate_raises, writing
 from azllm.config import ModelConfig
 from azllm.errors import AzllmError
 from azllm.export import SAMPLING, check_out_file, load_for_export, state_tensors
+from azllm.export.hf import refuse_unexported
 from azllm.tokenizer import CHAT_TEMPLATE_JINJA, END, SPLIT_PATTERN, AzTokenizer
 
 TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m")
@@ -82,10 +83,18 @@ def gguf_tensors(model, cfg: ModelConfig) -> list[tuple[str, np.ndarray]]:
     for i in range(cfg.n_layer):
         b, g = f"blocks.{i}.", f"blk.{i}."
         if cfg.arch == "llama":
+            # GGUF "qwen3" (our QK-norm layout) rotates the halves of each head, as we do; only
+            # GGUF "llama" needs the permutation
+            rope = (lambda w, _heads: w) if cfg.qk_norm else permute_rope
+            if cfg.qk_norm:
+                out += [
+                    (g + "attn_q_norm.weight", t[b + "attn.q_norm.weight"]),
+                    (g + "attn_k_norm.weight", t[b + "attn.k_norm.weight"]),
+                ]
             out += [
                 (g + "attn_norm.weight", t[b + "attn_norm.weight"]),
-                (g + "attn_q.weight", permute_rope(t[b + "attn.q_proj.weight"], cfg.n_head)),
-                (g + "attn_k.weight", permute_rope(t[b + "attn.k_proj.weight"], cfg.kv_heads)),
+                (g + "attn_q.weight", rope(t[b + "attn.q_proj.weight"], cfg.n_head)),
+                (g + "attn_k.weight", rope(t[b + "attn.k_proj.weight"], cfg.kv_heads)),
                 (g + "attn_v.weight", t[b + "attn.v_proj.weight"]),
                 (g + "attn_output.weight", t[b + "attn.o_proj.weight"]),
                 (g + "ffn_norm.weight", t[b + "mlp_norm.weight"]),
@@ -169,6 +178,11 @@ def vocab_tables(tok: AzTokenizer) -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
+def gguf_arch(cfg: ModelConfig) -> str:
+    """llama.cpp's architecture: QK-norm is its "qwen3" (Llama plus per-head q/k norms)."""
+    return "qwen3" if cfg.arch == "llama" and cfg.qk_norm else cfg.arch
+
+
 def add_metadata(w, cfg: ModelConfig, tok: AzTokenizer, name: str, file_type: int) -> None:
     gguf = require_gguf()
     w.add_name(name)
@@ -221,7 +235,8 @@ def write_gguf(
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
         "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
     }
-    w = gguf.GGUFWriter(str(path), cfg.arch)
+    refuse_unexported(cfg, "GGUF")
+    w = gguf.GGUFWriter(str(path), gguf_arch(cfg))
     add_metadata(w, cfg, tok, name, int(file_types[kind]))
     for tname, arr in gguf_tensors(model, cfg):
         qtype = tensor_type(tname, arr, kind, cfg.tie_embeddings)
@@ -301,6 +316,14 @@ def check_kind(kind: str) -> str:
     return kind
 
 
+def trained_kind(run_dir: str | Path) -> str:
+    """The GGUF type a run was trained for with quantization-aware training (train.qat in its
+    config.json: `azllm qat`, `--qat`), or "" for an ordinary run."""
+    from azllm.config import load_run_config
+
+    return load_run_config(Path(run_dir)).train.qat
+
+
 def write_gguf_file(model, tok: AzTokenizer, cfg: ModelConfig, out: Path, kind: str, name: str):
     """Any kind to `out`, atomically: written under temporary names (.NAME.PID.tmp and, for
     K-quants, .NAME.PID.f32.tmp) that are removed on every exit, then renamed."""
@@ -316,13 +339,16 @@ def write_gguf_file(model, tok: AzTokenizer, cfg: ModelConfig, out: Path, kind: 
 def export_gguf(
     run_dir: str | Path,
     out: str | Path,
-    kind: str = "f16",
+    kind: str | None = None,
     *,
     weights: str = "model",
     force: bool = False,
 ) -> Path:
-    """Write RUN as a GGUF of the given kind; the file appears complete or not at all."""
-    kind = check_kind(kind)
+    """Write RUN as a GGUF of the given kind; the file appears complete or not at all.
+
+    kind None: the type a QAT run was trained for (its weights then equal the trained
+    fake-quantized ones bit for bit), else f16."""
+    kind = check_kind(kind or trained_kind(run_dir) or "f16")
     out = Path(out)
     check_out_file(out, force)
     with writing(out):  # fail before the work, not after it

@@ -23,6 +23,7 @@ import torch
 
 from azllm.atomic import atomic_dir, terminate_raises, writing
 from azllm.config import ModelConfig
+from azllm.errors import AzllmError
 from azllm.export import SAMPLING, check_out_dir, load_for_export, state_tensors
 from azllm.tokenizer import (
     BOS,
@@ -35,12 +36,24 @@ from azllm.tokenizer import (
 )
 
 
+def refuse_unexported(cfg: ModelConfig, fmt: str) -> None:
+    """Options no exported architecture computes as we do: refused, not silently dropped."""
+    if cfg.logit_softcap:
+        raise AzllmError(
+            f"{fmt} export: model.logit_softcap has no equivalent in the {fmt} layouts we write "
+            "(Gemma 2 caps logits but its block differs: sandwich norms, GeGLU); retrain with 0"
+        )
+
+
 def hf_config(cfg: ModelConfig, tok: AzTokenizer) -> dict:
     ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
     if cfg.arch == "llama":
+        # QK-norm: Qwen3 is Llama plus per-head q_norm/k_norm before RoPE, nothing else
+        qwen3 = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": 0}
         return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": ["Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"],
+            "model_type": "qwen3" if cfg.qk_norm else "llama",
+            **(qwen3 if cfg.qk_norm else {}),
             "vocab_size": cfg.vocab_size,
             "hidden_size": cfg.n_embd,
             "intermediate_size": cfg.ffn_dim,
@@ -98,6 +111,8 @@ def hf_state_dict(model, cfg: ModelConfig) -> dict[str, torch.Tensor]:
             out[h + "input_layernorm.weight"] = ours[b + "attn_norm.weight"]
             out[h + "post_attention_layernorm.weight"] = ours[b + "mlp_norm.weight"]
             for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                out[h + f"self_attn.{p}.weight"] = ours[b + f"attn.{p}.weight"]
+            for p in ("q_norm", "k_norm") if cfg.qk_norm else ():
                 out[h + f"self_attn.{p}.weight"] = ours[b + f"attn.{p}.weight"]
             for p in ("gate_proj", "up_proj", "down_proj"):
                 out[h + f"mlp.{p}.weight"] = ours[b + f"mlp.{p}.weight"]
@@ -179,6 +194,7 @@ def export_hf(
     out = Path(out_dir)
     check_out_dir(out, force)
     model, tok, cfg = load_for_export(run_dir, weights)
+    refuse_unexported(cfg, "HF")
     # safetensors reports a full disk as SafetensorError(... StorageFull ...), not OSError
     with (
         terminate_raises(),

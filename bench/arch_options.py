@@ -1,0 +1,105 @@
+"""Held-out bits per byte of each recipe option, and an lr sweep across widths, at equal steps.
+
+    python bench/arch_options.py --data ../shared/data/az/pretrain --steps 300 --json out.json
+    python bench/arch_options.py --data DIR --only lr      # just the width/lr sweep
+
+Every arm is a real `azllm.train.train` run of the same small llama (4 layers, 4 heads, context
+128, fp32, one seed: the same batches in the same order) that differs from the baseline in one
+setting; the figure is its validation bits per byte after the last step (the 5% of documents
+held out by `tokenize_to_shards`, `--eval-batches` batches). Equal steps, not equal time: the
+machine this ran on was shared, and the options cost about the same per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from azllm.config import config_from_dict, derived_lr
+from azllm.documents import iter_all_documents
+from azllm.shards import tokenize_to_shards
+from azllm.tokenizer import AzTokenizer, train_tokenizer
+from azllm.train import train
+
+OPTIONS = {  # arm -> (model overrides, train overrides)
+    "adamw (baseline)": ({}, {}),
+    "muon": ({}, {"optimizer": "muon"}),
+    "qk_norm": ({"qk_norm": True}, {}),
+    "logit_softcap=15": ({"logit_softcap": 15.0}, {}),
+    "z_loss=1e-4": ({}, {"z_loss": 1e-4}),
+    "untied head": ({"tie_embeddings": False}, {}),
+    "muon + qk_norm": ({"qk_norm": True}, {"optimizer": "muon"}),
+}
+
+
+def prepare(data: Path, work: Path, vocab: int) -> Path:
+    out = work / "shards"
+    if (out / "meta.json").exists():
+        return out
+    files = sorted(p for p in data.rglob("*") if p.is_file())
+    tok = AzTokenizer(train_tokenizer(iter_all_documents(files), vocab))
+    tokenize_to_shards(tok, files, out, val_fraction=0.05, progress=False, force=True)
+    return out
+
+
+def run_arm(shards: Path, work: Path, name: str, model: dict, tr: dict, args) -> dict:
+    cfg = config_from_dict(
+        {
+            "model": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128, **model},
+            "train": dict(
+                micro_batch=16, grad_accum=1, max_steps=args.steps, warmup_steps=args.steps // 10,
+                eval_interval=args.steps, eval_batches=args.eval_batches,
+                log_interval=args.steps, ckpt_interval=args.steps, keep_last=1,
+                precision="fp32", device="cpu", seed=args.seed, **tr,
+            ),
+        }
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    safe = "".join(c if c.isalnum() else "_" for c in name)
+    last = train(cfg, shards, work / f"run-{safe}-{args.seed}", progress=False)
+    row = {"arm": name, "val_bpb": last["val_bpb"], "seconds": time.perf_counter() - t0,
+           "lr": cfg.train.lr, "n_embd": cfg.model.n_embd}  # fmt: skip
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--work", type=Path, help="keep shards/runs here (default: a temp folder)")
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--eval-batches", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", choices=("options", "lr"), default=None)
+    ap.add_argument("--arms", nargs="*", help="run only these arms (names as printed)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    work = args.work or Path(tempfile.mkdtemp(prefix="azllm-options-"))
+    shards = prepare(args.data, work, args.vocab)
+    rows = []
+    if args.only in (None, "options"):
+        for name, (model, tr) in OPTIONS.items():
+            if not args.arms or name in args.arms:
+                rows.append(run_arm(shards, work, name, model, tr, args))
+    if args.only in (None, "lr"):
+        # Around the width-aware default: does the best multiplier stay at 1 as width changes?
+        for width, heads in ((64, 4), (128, 4), (256, 4)):
+            base = derived_lr(config_from_dict({"model": {"n_embd": width}}).model)
+            for mult in (0.5, 1.0, 2.0):
+                model, name = {"n_embd": width, "n_head": heads}, f"w{width} lr x{mult}"
+                if not args.arms or name in args.arms:
+                    rows.append(run_arm(shards, work, name, model, {"lr": base * mult}, args))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
