@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import closing
 from pathlib import Path
 
 from azllm.corpus.formats import STREAM_ERRORS, UnknownFormat, detect_format, open_binary
-from azllm.corpus.readers import ReaderOptions, describe_error, expand_inputs
+from azllm.corpus.readers import ReaderOptions, describe_error, expand_inputs, text_blocks
 from azllm.errors import AzllmError
 
 _TEXT = (".txt", ".jsonl")
@@ -72,34 +72,28 @@ def _read_lines(path: Path) -> Iterator[str]:
 
 
 def _txt_documents(path: Path, max_chars: int = DOC_CHARS) -> Iterator[str]:
-    block: list[str] = []
-    size = 0
     with closing(_read_lines(path)) as lines:  # closed now, not whenever it is collected
-        for ln in lines:
-            ln = ln.rstrip()
-            if not ln.strip():
-                if block:
-                    yield "\n".join(block)
-                    block, size = [], 0
-                continue
-            if block and size + len(ln) > max_chars:
-                yield "\n".join(block)
-                block, size = [], 0
-            block.append(ln)
-            size += len(ln) + 1
-    if block:
-        yield "\n".join(block)
+        yield from text_blocks(lines, max_chars)
+
+
+def jsonl_records(lines: Iterable[str], path: Path | str) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line of a JSON Lines file; a line that is
+    not JSON is an AzllmError naming file:line. The one JSONL reader of user files (corpus text,
+    chat data, task files), each of which then checks its own fields."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise AzllmError(
+                f"{path}:{lineno}: not valid JSON ({e.msg}); one object per line"
+            ) from None
 
 
 def _jsonl_documents(path: Path) -> Iterator[str]:
     with closing(_read_lines(path)) as lines:
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise AzllmError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        for lineno, record in jsonl_records(lines, path):
             text = record.get("text") if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise AzllmError(f'{path}:{lineno}: expected an object with a string field "text"')

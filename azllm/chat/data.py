@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from azllm.batch import Batch, in_val, step_generator
+from azllm.documents import jsonl_records
 from azllm.errors import AzllmError
 from azllm.tokenizer import CHAT_ROLES, AzTokenizer
 
@@ -81,13 +82,7 @@ def load_conversations(paths: list[str | Path]) -> list[list[dict]]:
             lines = f.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError:
             raise AzllmError(f"{f}: not UTF-8 text; convert it to UTF-8") from None
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise AzllmError(f"{f}:{n}: not valid JSON ({e.msg})") from None
+        for n, record in jsonl_records(lines, f):
             conversations.append(to_messages(record, f"{f}:{n}"))
     if not conversations:
         raise AzllmError(f"no conversations in {', '.join(map(str, paths))}")

@@ -35,7 +35,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -193,9 +193,16 @@ def _text_docs(text: IO[str], unit: str, max_chars: int) -> Iterator[str]:
             if ln.strip():
                 yield ln.strip()
         return
+    yield from text_blocks(_lines(text), max_chars)
+
+
+def text_blocks(lines: Iterable[str], max_chars: int) -> Iterator[str]:
+    """Plain text's documents (the one rule, for `corpus build` and `azllm tokenize` alike):
+    blank-line blocks, a block cut at the first line break past max_chars characters, so a file
+    without blank lines is running text with its line breaks, in chunks."""
     block: list[str] = []
     size = 0
-    for ln in _lines(text):
+    for ln in lines:
         ln = ln.rstrip()
         if not ln.strip():
             if block:

@@ -16,10 +16,10 @@ bad record is an AzllmError naming file:line and the field.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from azllm.documents import jsonl_records
 from azllm.errors import AzllmError
 
 BUILTIN = Path(__file__).resolve().parents[1] / "data" / "tasks"
@@ -55,13 +55,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     except UnicodeDecodeError as e:
         raise AzllmError(f"{path}: not UTF-8 (byte {e.start}); convert it to UTF-8") from None
     out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise AzllmError(f"{path}:{n}: not valid JSON ({e.msg}); one object per line") from None
+    for n, rec in jsonl_records(lines, path):
         if not isinstance(rec, dict):
             raise AzllmError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
         out.append((n, rec))
