@@ -298,7 +298,7 @@ def train(
     say(
         f"model {unwrap(model).num_params() / 1e6:.1f}M params | {precision} on {device} "
         f"x{d.world} | batch {global_batch}x{cfg.model.block_size} tokens"
-        + (f" | stops after {tc.max_minutes:g} min" if tc.max_minutes else "")
+        + (f" | stops after {tc.max_minutes:.1f} min" if tc.max_minutes else "")
     )
     per_rank = tc.micro_batch * tc.grad_accum
     rows = slice(d.rank * per_rank, (d.rank + 1) * per_rank)
@@ -419,7 +419,7 @@ def train(
                         dist.barrier()
             bar.update(1)
             if out_of_time:
-                say(f"time budget of {tc.max_minutes:g} min reached at step {step}")
+                say(f"time budget of {tc.max_minutes:.1f} min reached at step {step}")
                 break
     except KeyboardInterrupt:
         # Steps after the last checkpoint are redone on --resume; the files on disk stay whole.
