@@ -24,27 +24,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-TASK_YAML = """task: azllm_speed
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {test}
-    dev: {dev}
-test_split: test
-fewshot_split: dev
-fewshot_config:
-  sampler: first_n
-output_type: multiple_choice
-doc_to_text: "Sual: {{{{question}}}}\\nCavab:"
-doc_to_choice: choices
-doc_to_target: "{{{{['A','B','C','D'].index(answer)}}}}"
-target_delimiter: " "
-fewshot_delimiter: "\\n\\n"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
-
 
 def merged_split(split: str, out: Path, limit: int | None) -> Path:
     base = REPO / "azllm" / "data" / "tasks" / "az-basic" / "mc" / split
@@ -72,7 +51,7 @@ def main() -> None:
     import torch
 
     from azllm.evaluate.backends import open_backend
-    from azllm.evaluate.harness import run_task
+    from azllm.evaluate.harness import lm_eval_task_yaml, run_task
     from azllm.evaluate.tasks import load_tasks
     from azllm.export.hf import export_hf
 
@@ -100,7 +79,7 @@ def main() -> None:
     from lm_eval.tasks import TaskManager
 
     (tmp / "yaml").mkdir()
-    (tmp / "yaml" / "speed.yaml").write_text(TASK_YAML.format(test=test, dev=dev))
+    (tmp / "yaml" / "speed.yaml").write_text(lm_eval_task_yaml("azllm_speed", test, dev))
     lm = HFLM(pretrained=str(hf), dtype="float32", batch_size=args.batch_size, device="cpu")
     tm = TaskManager(include_path=str(tmp / "yaml"))
     t = time.perf_counter()

@@ -16,7 +16,13 @@ from conftest import run_cli
 from azllm.config import ModelConfig
 from azllm.errors import AzllmError
 from azllm.evaluate.backends import RunBackend
-from azllm.evaluate.harness import evaluate_tasks, normalize, run_task, token_f1
+from azllm.evaluate.harness import (
+    evaluate_tasks,
+    lm_eval_task_yaml,
+    normalize,
+    run_task,
+    token_f1,
+)
 from azllm.evaluate.report import compare, mcnemar_p, wilson
 from azllm.evaluate.tasks import load_tasks, shots_for
 from azllm.model import GPT
@@ -381,28 +387,6 @@ def _az_basic_dev() -> str:
     return path.read_text(encoding="utf-8")
 
 
-LM_EVAL_TASK = """task: azllm_agreement
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {test}
-    dev: {dev}
-test_split: test
-fewshot_split: dev
-fewshot_config:
-  sampler: first_n
-output_type: multiple_choice
-doc_to_text: "Sual: {{{{question}}}}\\nCavab:"
-doc_to_choice: choices
-doc_to_target: "{{{{['A','B','C','D'].index(answer)}}}}"
-target_delimiter: " "
-fewshot_delimiter: "\\n\\n"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
-
-
 def test_lm_evaluation_harness_agrees(tiny_run, exports, tmp_path, monkeypatch):
     """lm-eval on the HF export (a local task over the same JSONL, same 2 shots and prompt) and
     `azllm eval` on the run: the same per-question log-likelihoods and predictions (acc and
@@ -416,7 +400,9 @@ def test_lm_evaluation_harness_agrees(tiny_run, exports, tmp_path, monkeypatch):
     dev = tmp_path / "t" / "dev.jsonl"
     dev.write_text(_az_basic_dev(), encoding="utf-8")
     (tmp_path / "yaml").mkdir()
-    (tmp_path / "yaml" / "agreement.yaml").write_text(LM_EVAL_TASK.format(test=test, dev=dev))
+    (tmp_path / "yaml" / "agreement.yaml").write_text(
+        lm_eval_task_yaml("azllm_agreement", test, dev)
+    )
     from lm_eval.tasks import TaskManager
 
     res = lm_eval.simple_evaluate(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import Counter
+from pathlib import Path
 
 from azllm.evaluate.tasks import LETTERS, Item, Task, shots_for
 
@@ -31,6 +32,31 @@ QA_MAX_NEW = 24
 def _base_prompt(it: Item) -> str:
     head = f"Mətn: {it.passage}\n" if it.passage else ""
     return f"{head}Sual: {it.question}\nCavab:"
+
+
+def lm_eval_task_yaml(name: str, test: str | Path, dev: str | Path) -> str:
+    """lm-evaluation-harness's definition of the same multiple-choice task (same prompt, shots,
+    delimiters), for a local `--include_path`: the agreement test and bench/eval_speed.py use it."""
+    return f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {test}
+    dev: {dev}
+test_split: test
+fewshot_split: dev
+fewshot_config:
+  sampler: first_n
+output_type: multiple_choice
+doc_to_text: "Sual: {{{{question}}}}\\nCavab:"
+doc_to_choice: choices
+doc_to_target: "{{{{['A','B','C','D'].index(answer)}}}}"
+target_delimiter: " "
+fewshot_delimiter: "\\n\\n"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
 
 
 def _target(it: Item) -> str:
