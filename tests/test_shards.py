@@ -113,3 +113,22 @@ def test_truncated_shard_is_reported(tmp_path, data_dir):
     (copy / "meta.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(AzllmError, match="not an azllm shard folder"):
         TokenBatches(copy, 32, 0)
+
+
+def test_a_corpus_folder_keeps_its_own_split(tmp_path, tok):
+    # `azllm corpus build` decided train/val (near-duplicates kept on one side); tokenizing its
+    # folder must not re-split by hash, whatever --val-fraction says.
+    import zstandard
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    docs = {
+        s: [f"{s} sənədi {i}: Bakıda gözəl bir gün." for i in range(40)] for s in ("train", "val")
+    }
+    for split, texts in docs.items():
+        lines = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
+        (corpus / f"{split}.jsonl.zst").write_bytes(zstandard.compress(lines.encode("utf-8")))
+    (corpus / "report.json").write_text(json.dumps({"counts": {"in": 80}}, indent=2))
+    tokenize_to_shards(tok, [corpus], tmp_path / "d", val_fraction=0.5, progress=False)
+    for split in ("train", "val"):
+        assert sorted(_docs_from_split(tmp_path / "d", tok, split)) == sorted(docs[split])
