@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,17 +169,14 @@ class _Clock:
     def since_start(self) -> float:
         return time.perf_counter() - self.start
 
+    @contextmanager
     def pause(self):
-        clock = self
-
-        class _Pause:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                clock.paused += time.perf_counter() - self.t0
-
-        return _Pause()
+        """Time spent inside is left out of the next lap."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused += time.perf_counter() - t0
 
     def lap(self) -> float:
         """Training seconds since the last lap."""
