@@ -184,3 +184,17 @@ def run_export_cli(*args: str):
 
     cmd = [sys.executable, "-m", "azllm.export", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+
+
+def both_logits(llm, model, ids: list[int], *others) -> tuple:
+    """llama.cpp's logits (an open Llama with logits_all=True) and ours (then each model in
+    `others`) for one window of ids, as numpy arrays [len(ids), vocab]."""
+    import numpy as np
+    import torch
+
+    llm.reset()
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)])
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        return (theirs, *(m(x)[0][0].numpy() for m in (model, *others)))

@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from export_fixtures import PARAGRAPH, PROMPTS, _data_dir, _workdir, held_out_text
+from export_fixtures import (
+    PARAGRAPH,
+    PROMPTS,
+    _data_dir,
+    _workdir,
+    both_logits,
+    held_out_text,
+)
 
 from azllm.checkpoint import load_run, save_weights
 from azllm.config import Config, ModelConfig
@@ -152,11 +159,7 @@ def test_qk_norm_exports_as_gguf_qwen3_with_our_logits(tmp_path):
     with loaded(path, logits_all=True) as llm:
         assert llm.metadata["general.architecture"] == "qwen3"
         for ids in windows:
-            llm.reset()
-            llm.eval(ids)
-            theirs = np.array(llm.scores[: len(ids)])
-            with torch.no_grad():
-                ours = model(torch.tensor([ids]))[0][0].numpy()
+            theirs, ours = both_logits(llm, model, ids)
             assert ours.std() > 0.5
             # measured 3.1e-3 (fp32, 2 cores AVX2); the random llama of test_export_gguf: 2.8e-3
             err = np.abs(ours - theirs).max()

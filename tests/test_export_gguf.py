@@ -15,6 +15,7 @@ from export_fixtures import (  # noqa: E402
     CHAT,
     PARAGRAPH,
     PROMPTS,
+    both_logits,
     held_out_text,
     random_run,
     run_export_cli,
@@ -204,7 +205,6 @@ def test_f32_logits_equal_ours_at_every_position(files, arch):
     GQA (2 and 1 key/value heads for 4 query heads): all of llama.cpp's logits equal ours. A
     dropped or zeroed tensor, a missing transpose or permutation moves them far more."""
     needs_llama_cpp()
-    import torch
 
     from azllm.export.llamacpp import loaded
 
@@ -215,11 +215,7 @@ def test_f32_logits_equal_ours_at_every_position(files, arch):
     ]
     with loaded(files(arch, "f32"), logits_all=True) as llm:
         for ids in windows:
-            llm.reset()
-            llm.eval(ids)
-            theirs = np.array(llm.scores[: len(ids)])
-            with torch.no_grad():
-                ours = model(torch.tensor([ids]))[0][0].numpy()
+            theirs, ours = both_logits(llm, model, ids)
             err = np.abs(ours - theirs).max()
             assert err < LOGIT_TOLERANCE[arch], f"{arch}: max |logit diff| {err:.2e}"
             assert ours.std() > 0.5  # logits far from uniform: the comparison has teeth

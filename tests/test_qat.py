@@ -276,7 +276,7 @@ Q4_0_LOGIT_TOLERANCE = {"qat": 2e-2, "random": 0.3}
 def test_llama_cpp_q4_0_logits_equal_our_fake_quantized_model(tmp_path, qat_run, which):
     pytest.importorskip("gguf")
     pytest.importorskip("llama_cpp")
-    from export_fixtures import PARAGRAPH, held_out_text, random_run
+    from export_fixtures import PARAGRAPH, both_logits, held_out_text, random_run
 
     from azllm.export.gguf import export_gguf
     from azllm.export.llamacpp import loaded
@@ -291,12 +291,7 @@ def test_llama_cpp_q4_0_logits_equal_our_fake_quantized_model(tmp_path, qat_run,
     tol = Q4_0_LOGIT_TOLERANCE[which]
     with loaded(path, logits_all=True) as llm:
         for ids in windows:
-            llm.reset()
-            llm.eval(ids)
-            theirs = np.array(llm.scores[: len(ids)])
-            with torch.no_grad():
-                ours = model(torch.tensor([ids]))[0][0].numpy()
-                unquantized = plain(torch.tensor([ids]))[0][0].numpy()
+            theirs, ours, unquantized = both_logits(llm, model, ids, plain)
             err = np.abs(ours - theirs).max()
             assert err < tol, f"{which}: max |logit diff| {err:.2e}"
             assert np.abs(unquantized - theirs).max() > tol  # the quantization is what matches
