@@ -169,6 +169,13 @@ MUTANTS = [
       'start, best_val = state["step"], state["best_val_loss"]',
       'start, best_val = 0, state["best_val_loss"]',
       ("tests/test_train.py::test_exact_resume_after_a_real_kill",)),
+    # ---- web chat page: the reply is drawn as it streams ----------------------------------------
+    M("web-page-draws-reply-once", "azllm/chat/web.py",
+      "reply;\n            $(\"log\").scrollTop = $(\"log\").scrollHeight;\n          }\n"
+      "          if (choice.finish_reason) finish = choice.finish_reason;",
+      "out.textContent;\n            $(\"log\").scrollTop = $(\"log\").scrollHeight;\n          }\n"
+      "          if (choice.finish_reason) { finish = choice.finish_reason; out.textContent = reply; }",
+      ("tests/test_chat_web.py::test_a_typed_message_gets_a_streamed_reply",)),
     M("resume-loaded-step-zero-fsdp", "azllm/train.py",
       'start, best_val = state["step"], state["best_val_loss"]',
       'start, best_val = 0, state["best_val_loss"]',

@@ -22,9 +22,37 @@ FLAGS = [
     "--disable-sync",
 ]
 
-# Records every text the newest reply bubble shows, so the test can see it grow.
+# Records every text the newest reply bubble shows, so the test can see it grow. On a fast
+# machine the whole reply can arrive in one network read and be drawn once, so the real
+# server's stream is handed to the page one server-sent event at a time, 25 ms apart: what is
+# tested is that the page draws each event as it comes, not how fast the network is.
 WATCH = """
 () => {
+const realFetch = window.fetch;
+window.fetch = async (...args) => {
+  const response = await realFetch(...args);
+  if (!String(args[0]).includes('/v1/chat/completions') || !response.body) return response;
+  const reader = response.body.getReader();
+  const enc = new TextEncoder(), dec = new TextDecoder();
+  let buf = '';
+  const body = new ReadableStream({
+    async pull(ctrl) {
+      for (;;) {
+        const cut = buf.indexOf('\\n\\n');
+        if (cut >= 0) {
+          await new Promise(r => setTimeout(r, 25));
+          ctrl.enqueue(enc.encode(buf.slice(0, cut + 2)));
+          buf = buf.slice(cut + 2);
+          return;
+        }
+        const { value, done } = await reader.read();
+        if (done) { if (buf) ctrl.enqueue(enc.encode(buf)); ctrl.close(); return; }
+        buf += dec.decode(value, { stream: true });
+      }
+    }
+  });
+  return new Response(body, { status: response.status, headers: response.headers });
+};
 window.__seen = [];
 new MutationObserver(() => {
   const all = document.querySelectorAll('.msg.assistant');
