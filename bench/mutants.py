@@ -174,7 +174,8 @@ MUTANTS = [
       "reply;\n            $(\"log\").scrollTop = $(\"log\").scrollHeight;\n          }\n"
       "          if (choice.finish_reason) finish = choice.finish_reason;",
       "out.textContent;\n            $(\"log\").scrollTop = $(\"log\").scrollHeight;\n          }\n"
-      "          if (choice.finish_reason) { finish = choice.finish_reason; out.textContent = reply; }",
+      "          if (choice.finish_reason) { finish = choice.finish_reason; "
+      "out.textContent = reply; }",
       ("tests/test_chat_web.py::test_a_typed_message_gets_a_streamed_reply",)),
     M("resume-loaded-step-zero-fsdp", "azllm/train.py",
       'start, best_val = state["step"], state["best_val_loss"]',
