@@ -169,6 +169,9 @@ MUTANTS = [
       'start, best_val = state["step"], state["best_val_loss"]',
       'start, best_val = 0, state["best_val_loss"]',
       ("tests/test_train.py::test_exact_resume_after_a_real_kill",)),
+    M("plan-muon-states-as-adamw", "azllm/memory.py",
+      'muon = p.block_matrices if optimizer == "muon" else 0', "muon = 0",
+      ("tests/test_plan.py::test_cli_optimizer_muon_counts_one_state_per_block_matrix",)),
     # ---- web chat page: the reply is drawn as it streams ----------------------------------------
     M("web-page-draws-reply-once", "azllm/chat/web.py",
       "reply;\n            $(\"log\").scrollTop = $(\"log\").scrollHeight;\n          }\n"

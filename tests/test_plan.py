@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -57,13 +58,17 @@ CASES = [  # (preset, overrides, micro_batch, keyword arguments)
     ("tiny", {}, 4, dict(precision="fp32", activation_checkpointing=False)),
     ("tiny", {**LONG_TINY, "model.arch": "gpt2"}, 8,
      dict(precision="fp32", activation_checkpointing=True, grad_accum=2, optimizer_state="bf16")),
+    ("tiny", {"train.optimizer": "muon"}, 4,
+     dict(precision="fp32", activation_checkpointing=False)),
     ("baby", {}, 2,  # later steps repeat the first measured one: one is enough
      dict(precision="bf16", activation_checkpointing=True, chunked_ce=128, grad_accum=2,
           steps=1)),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("preset,over,mb,kw", CASES, ids=["tiny", "tiny-gpt2-accum", "baby"])
+@pytest.mark.parametrize(
+    "preset,over,mb,kw", CASES, ids=["tiny", "tiny-gpt2-accum", "tiny-muon", "baby"]
+)
 def test_estimate_is_within_tolerance_of_a_measured_step(preset, over, mb, kw):
     est, got = _both(_cfg(preset, **over), mb, **kw)
     assert got > 0
@@ -244,3 +249,23 @@ def test_plan_is_plain_data():
     plan = make_plan(load_config("tiny"), 1 * GiB, precision="fp32", device_type="cpu")
     d = dataclasses.asdict(plan)
     assert d["breakdown"]["total"] == plan.estimated_peak_bytes
+
+
+def test_cli_optimizer_muon_counts_one_state_per_block_matrix(capsys):
+    """Muon keeps one momentum buffer for each matrix inside the blocks (AdamW two): counted
+    on the real module, and passed on in the flags for azllm train."""
+    plans = {}
+    for opt in ("adamw", "muon"):
+        assert _cli("--config", "baby", "--vram", "4GB", "--precision", "bf16",
+                    "--optimizer", opt, "--json") == 0  # fmt: skip
+        plans[opt] = json.loads(capsys.readouterr().out)
+    with torch.device("meta"):
+        model = GPT(load_config("baby").model)
+    block_matrices = sum(
+        p.numel() for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2
+    )
+    saved = plans["adamw"]["breakdown"]["optimizer"] - plans["muon"]["breakdown"]["optimizer"]
+    assert saved == 4 * block_matrices  # fp32 states: one buffer of 4 bytes less per weight
+    assert plans["muon"]["optimizer"] == "muon"
+    flags = make_plan(_cfg("baby", **{"train.optimizer": "muon"}), 4 * GiB).train_flags()
+    assert flags[flags.index("--optimizer") + 1] == "muon"

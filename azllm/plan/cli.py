@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from azllm.config import PRECISIONS, STRATEGIES, apply_overrides, load_config
+from azllm.config import OPTIMIZERS, PRECISIONS, STRATEGIES, apply_overrides, load_config
 from azllm.errors import AzllmError
 from azllm.memory import fmt_bytes
 from azllm.plan.planner import make_plan, parse_vram, plan_table
@@ -19,7 +19,11 @@ from azllm.plan.profiler import measure_peak
 
 def cmd_plan(args) -> int:
     cfg = load_config(args.config)
-    overrides = {"model.block_size": args.context, "model.vocab_size": args.vocab_size}
+    overrides = {
+        "model.block_size": args.context,
+        "model.vocab_size": args.vocab_size,
+        "train.optimizer": args.optimizer,
+    }
     cfg = apply_overrides(cfg, overrides)
     plan = make_plan(
         cfg, parse_vram(args.vram), target_global_batch=args.global_batch,
@@ -68,6 +72,9 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--world", type=int, default=1, help="processes (GPUs) under torchrun")
     p.add_argument("--strategy", default="ddp", choices=STRATEGIES)
+    p.add_argument(
+        "--optimizer", choices=OPTIMIZERS, help="muon keeps one state per block matrix, not two"
+    )
     p.add_argument("--json", action="store_true", help="the plan as JSON")
     p.add_argument(
         "--measure", action="store_true", help="also run two training steps here and compare"

@@ -66,6 +66,7 @@ class Plan:
     global_batch: int = 0
     phase: str = ""  # where in the step the peak falls
     model: str = ""  # one-line description for the table
+    optimizer: str = "adamw"
 
     def train_flags(self) -> list[str]:
         """The `azllm train` flags that apply this plan."""
@@ -75,6 +76,7 @@ class Plan:
             "--activation-checkpointing" if self.activation_checkpointing
             else "--no-activation-checkpointing",
             "--chunked-ce", str(self.chunked_ce),
+            "--optimizer", self.optimizer,
             "--optimizer-state", self.optimizer_state,
             "--precision", self.precision,
             "--block-size", str(self.context),
@@ -187,6 +189,7 @@ def make_plan(
         notes=notes, vram_bytes=vram_bytes, device_type=device_type, world=world, context=t,
         global_batch=target, phase=peak_phase(cfg, mb, **kw),
         model=f"{cfg.model.arch}, {p.total / 1e6:.1f}M parameters, {cfg.model.n_layer} layers",
+        optimizer=cfg.train.optimizer,
     )  # fmt: skip
 
 
@@ -208,7 +211,7 @@ def plan_table(plan: Plan) -> str:
         f"model: {plan.model}, context {plan.context}",
         f"global batch {plan.global_batch} = micro-batch {plan.micro_batch} x {plan.grad_accum}"
         f" accumulation x {plan.world} process(es); precision {plan.precision} on "
-        f"{plan.device_type}; checkpointing {ckpt}; chunked CE {ce}; AdamW states "
+        f"{plan.device_type}; checkpointing {ckpt}; chunked CE {ce}; {plan.optimizer} states "
         f"{plan.optimizer_state}",
         "",
     ]
