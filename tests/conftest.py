@@ -112,6 +112,32 @@ def mark_logged_steps(run, upto):
     path.write_text("".join(x + "\n" for x in lines), encoding="utf-8")
 
 
+def kill_after_checkpoint(argv, run, step: int, *, timeout: float = 300) -> int:
+    """Run `python -m azllm.cli *argv` (writing to `run`), SIGKILL it once its checkpoint for
+    `step` exists, and return the step of the newest checkpoint it left (the kill may land
+    after a later one). A command that ends before it can be killed fails the test."""
+    import signal
+    import time
+
+    from azllm.checkpoint import checkpoint_dirs
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "azllm.cli", *map(str, argv)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + timeout
+    try:
+        while not (Path(run) / "checkpoints" / f"step-{step}").exists():
+            assert proc.poll() is None, "training ended before it could be killed"
+            assert time.time() < deadline, f"no checkpoint step-{step} after {timeout:.0f} s"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return int(checkpoint_dirs(Path(run))[-1].name.split("-")[1])
+
+
 def assert_resumed_after(run, upto, max_steps):
     """Steps 1..upto were not rerun by the resume, the rest ran once each, by the resume."""
     from azllm.metrics import read_metrics

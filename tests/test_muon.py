@@ -5,17 +5,12 @@ FSDP (gloo, CPU) giving the same losses, exact resume after a kill, checkpoints 
 from __future__ import annotations
 
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import kill_after_checkpoint, run_cli
 from test_train import TINY, _losses, _torchrun
 
-from azllm.checkpoint import checkpoint_dirs
 from azllm.config import Config, ModelConfig, TrainConfig, apply_overrides, load_config
 from azllm.errors import AzllmError
 from azllm.memory import estimate_peak, optimizer_bytes, param_counts
@@ -137,19 +132,7 @@ def test_muon_trains_and_resumes_exactly_after_a_real_kill(tmp_path, data_dir):
     losses = [x for _, x in _losses(ref)]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5  # it learns
     run = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "azllm.cli", "train", *map(str, args), "--out", str(run)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 300
-    while not (run / "checkpoints" / "step-20").exists():
-        assert proc.poll() is None, "training ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert int(checkpoint_dirs(run)[-1].name.split("-")[1]) < 80
+    assert kill_after_checkpoint(["train", *args, "--out", run], run, 20) < 80
     run_cli("train", *args, "--out", run, "--resume")
     assert _losses(run) == _losses(ref)  # bit for bit: momentum buffers restored
 

@@ -1,13 +1,11 @@
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import REPO, assert_resumed_after, mark_logged_steps, run_cli
+from conftest import REPO, assert_resumed_after, kill_after_checkpoint, mark_logged_steps, run_cli
 
 from azllm.checkpoint import checkpoint_dirs, load_run
 from azllm.metrics import read_metrics
@@ -83,19 +81,7 @@ def test_exact_resume_after_a_real_kill(tmp_path, data_dir):
     run_cli("train", *args, "--out", ref)
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "azllm.cli", "train", *map(str, args), "--out", str(run)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 300
-    while not (run / "checkpoints" / "step-30").exists():
-        assert proc.poll() is None, "training ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = int(checkpoint_dirs(run)[-1].name.split("-")[1])
+    killed_at = kill_after_checkpoint(["train", *args, "--out", run], run, 30)
     assert killed_at < 150
     mark_logged_steps(run, killed_at)
     run_cli("train", *args, "--out", run, "--resume")
