@@ -26,6 +26,8 @@ EXTRA_MODULES = {
     "gguf": ("gguf", "llama_cpp"),
     "datatrove": ("datatrove",),
     "tune": ("optuna",),
+    "spm": ("sentencepiece",),
+    "notebook": ("nbclient", "nbformat", "ipykernel"),
 }
 
 

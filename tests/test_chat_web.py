@@ -151,3 +151,27 @@ def test_an_api_error_is_shown_in_the_page(page):
     page.fill("#max-tokens", "8")
     ok = ask(page, "Salam yenə")
     assert "msg assistant" in ok.get_attribute("class")
+
+
+def test_sources_are_shown_under_the_answer(page, chat_run, tmp_path):  # noqa: F811
+    from chat_fixtures import ServerProcess
+
+    from azllm.rag.chunk import Chunking
+    from azllm.rag.evaluate import BUNDLED
+    from azllm.rag.index import Index
+
+    Index.create(tmp_path / "index", [BUNDLED / "docs"], chunking=Chunking(200, 50))
+    srv = ServerProcess(chat_run, "--rag", tmp_path / "index", "--rag-k", "2")
+    rag_page = page.context.browser.new_page()  # the module's browser, a second tab
+    try:
+        rag_page.set_default_timeout(30_000)
+        rag_page.goto(srv.url + "/")
+        rag_page.fill("#max-tokens", "8")
+        bubble = ask(rag_page, "Lahıc kəndi hansı rayondadır?")
+        assert "msg assistant" in bubble.get_attribute("class")
+        heads = bubble.locator(".sources summary").all_inner_texts()
+        assert heads and heads[0].startswith("[1] docs/01_lahic.txt · chunk "), heads
+        assert "İsmayıllı" in bubble.locator(".sources details").first.text_content()
+    finally:
+        rag_page.close()
+        srv.stop()

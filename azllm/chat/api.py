@@ -6,6 +6,16 @@ errors are {"error": {"message", "type", "param", "code"}}; replies are `chat.co
 `text_completion` chunks. Extensions beyond OpenAI: `top_k`, and `ignore_eos` (as in vLLM:
 generate exactly max_tokens, for benchmarks). A "developer" message is a system message.
 
+Retrieval (a server started with `--rag INDEX`): a chat completion searches the index with the
+text of the last user message (never system or assistant text), puts the best chunks into a
+system turn with numbered sources (trimmed to leave max_tokens, or the default reply length, of
+room; see azllm/rag/prompt.py) and returns them in an extra top-level field `"sources"`: a list
+of {"n", "source", "chunk", "score", "text"}, on the `chat.completion` object, and when
+streaming on the chunk that carries the finish_reason. Request fields: `rag` (true/false,
+default true on such a server; true on a server without an index is a 400) and `rag_k`
+(chunks to retrieve, 1-20, default --rag-k). /v1/completions never retrieves (a raw prompt has
+no user turn to search).
+
 Every field is checked for its type and bounds before anything uses it, so a hostile body gets a
 400 and never reaches the tokenizer or the engine: JSON nesting is bounded, strings must be
 valid Unicode (no lone surrogates, which JSON's "\\ud800" escape can smuggle in), integers are
@@ -291,6 +301,20 @@ def completion_ids(
     )
 
 
+def rag_request(body: dict, has_index: bool, default_k: int) -> int:
+    """How many chunks to retrieve for this request (0: no retrieval), from `rag` / `rag_k`."""
+    wanted = _bool(body, "rag", has_index)
+    k = _integer(body, "rag_k", 1, 20, default=default_k)
+    if wanted and not has_index:
+        raise ApiError(
+            400,
+            "rag: this server has no document index (start it with `azllm serve --rag INDEX`)",
+            "rag",
+            "invalid_value",
+        )
+    return k if wanted else 0
+
+
 def model_name(body: dict, served: str) -> str:
     """The `model` a request names: the served one (its default) or "azllm"; 404 otherwise."""
     model = body.get("model", served)
@@ -350,9 +374,17 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def response(
-    chat: bool, rid: str, created: int, model: str, text: str, finish: str, use: dict
+    chat: bool,
+    rid: str,
+    created: int,
+    model: str,
+    text: str,
+    finish: str,
+    use: dict,
+    sources: list[dict] | None = None,
 ) -> dict:
-    """A whole `chat.completion` (chat=True) or `text_completion`."""
+    """A whole `chat.completion` (chat=True) or `text_completion`; `sources` (retrieval) is
+    added as a top-level field when given."""
     if chat:
         choice = {
             "index": 0,
@@ -369,6 +401,7 @@ def response(
         "model": model,
         "choices": [choice],
         "usage": use,
+        **({"sources": sources} if sources is not None else {}),
     }
 
 
@@ -383,6 +416,7 @@ def chunk(
     first: bool = False,
     use: dict | None = None,
     include_usage: bool = False,
+    sources: list[dict] | None = None,
 ) -> dict:
     """One streamed chunk. Chat: the first carries delta {"role": "assistant", "content": ""},
     the last delta {} with finish_reason. With include_usage every chunk has "usage": null but
@@ -405,4 +439,6 @@ def chunk(
         out["choices"] = [choice]
     if include_usage:
         out["usage"] = use
+    if sources is not None:  # retrieval: on the chunk with the finish_reason
+        out["sources"] = sources
     return out

@@ -86,15 +86,20 @@ def cmd_serve(args) -> int:
         api_key=args.api_key,
         allowed_hosts=args.allowed_host,
         cors_origins=args.cors_origin,
+        rag=args.rag,
+        rag_k=args.rag_k,
     )
     return 0
 
 
 def register(subparsers) -> None:
+    from azllm.rag.cli import rag_flags
+
     p = subparsers.add_parser("chat", help="talk to a chat model in the terminal")
     run_flags(p)
     p.add_argument("--system", default="", help="system prompt (change it with /system)")
     sampling_flags(p, max_new_tokens_help="longest reply in tokens (default: half the context)")
+    rag_flags(p)
     p.set_defaults(func=cmd_chat)
 
     p = subparsers.add_parser(
@@ -138,4 +143,5 @@ def register(subparsers) -> None:
         metavar="ORIGIN",
         help="let web pages from ORIGIN (https://app.example, or *) call the API; repeatable",
     )
+    rag_flags(p)
     p.set_defaults(func=cmd_serve)

@@ -6,6 +6,8 @@ thread through an asyncio queue of its own. Routes:
   GET  /health                {"status": "ok", ...} plus the engine's counters
   GET  /v1/models             the one model, named after the run directory ("azllm" also works)
   POST /v1/chat/completions   messages -> the chat template -> a reply ending at <|end|> or EOS
+                              (with --rag: sources retrieved for the last user message, in a
+                              system turn and in the reply's "sources"; api.py's docstring)
   POST /v1/completions        a plain text continuation, ending at EOS
 `stream: true` answers with server-sent events ending in `data: [DONE]`; mistakes get a 4xx in
 OpenAI's error shape (shapes and checks: azllm/chat/api.py), and a failure after the stream has
@@ -67,8 +69,11 @@ async def _until_disconnect(request: Request) -> None:
 class Server:
     """The routes, bound to one engine, tokenizer and model name."""
 
-    def __init__(self, engine: Engine, tok: AzTokenizer, name: str, needs_key: bool) -> None:
+    def __init__(
+        self, engine: Engine, tok: AzTokenizer, name: str, needs_key: bool, rag=None, rag_k=4
+    ) -> None:
         self.engine, self.tok, self.name, self.needs_key = engine, tok, name, needs_key
+        self.rag, self.rag_k = rag, rag_k  # an azllm.rag Index (--rag), chunks per question
         self.created = int(time.time())
         # Text longer than this cannot fit the context, whatever it says: each token covers at
         # most `longest` bytes (a byte fragment decodes to U+FFFD, 3 bytes: an overestimate),
@@ -159,7 +164,13 @@ class Server:
         yield ("end", finish, api.usage(len(req.prompt), n_tokens))
 
     async def _complete(
-        self, request: Request, prompt: list[int], params: Params, stop_ids: set[int], chat: bool
+        self,
+        request: Request,
+        prompt: list[int],
+        params: Params,
+        stop_ids: set[int],
+        chat: bool,
+        sources: list[dict] | None = None,
     ) -> Response:
         ctx, where = self.engine.ctx, "messages" if chat else "prompt"
         max_tokens = api.fit(len(prompt), params.max_tokens, ctx, where)
@@ -174,7 +185,7 @@ class Server:
         created, events = int(time.time()), self._generate(req, queue, params)
         if not params.stream:
             try:
-                return await self._whole(request, events, chat, rid, created)
+                return await self._whole(request, events, chat, rid, created, sources)
             finally:
                 release()
 
@@ -190,7 +201,7 @@ class Server:
                     if ev[0] == "text":
                         yield chunk(text=ev[1])
                     else:
-                        yield chunk(finish=ev[1])
+                        yield chunk(finish=ev[1], sources=sources)
                         if params.include_usage:
                             yield chunk(use=ev[2])
             except Exception as e:  # the status line is sent already: report it in the stream
@@ -204,7 +215,9 @@ class Server:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return _EventStream(sse(), release, media_type="text/event-stream", headers=headers)
 
-    async def _whole(self, request: Request, events, chat: bool, rid: str, created: int):
+    async def _whole(
+        self, request: Request, events, chat: bool, rid: str, created: int, sources=None
+    ):
         """A non-streamed reply; stops waiting (and so frees the row) if the client hangs up."""
 
         async def collect():
@@ -224,7 +237,8 @@ class Server:
         finally:
             job.cancel()
             gone.cancel()
-        return JSONResponse(api.response(chat, rid, created, self.name, text, finish, use))
+        out = api.response(chat, rid, created, self.name, text, finish, use, sources)
+        return JSONResponse(out)
 
     # ---- routes ------------------------------------------------------------------------------
 
@@ -252,9 +266,23 @@ class Server:
         params = api.parse_params(body)
         messages = api.chat_messages(body)
         self._check_size([m["content"] for m in messages], "messages")
+        k, sources = api.rag_request(body, self.rag is not None, self.rag_k), None
+        if k:
+            messages, sources = await self._with_sources(messages, params, k)
         prompt, _ = self.tok.encode_chat(messages, add_generation_prompt=True)
         stop_ids = {self.tok.end_id, self.tok.eos_id}
-        return await self._complete(request, prompt, params, stop_ids, True)
+        return await self._complete(request, prompt, params, stop_ids, True, sources)
+
+    async def _with_sources(self, messages: list[dict], params: Params, k: int):
+        """The messages with the retrieved chunks in their system turn, fitted to leave the reply
+        its room (max_tokens, or the default reply length up to half the context), and the
+        sources as the response's "sources" field."""
+        from azllm.rag.prompt import add_sources, retrieve
+
+        hits = await asyncio.to_thread(retrieve, self.rag, messages, k)  # SQLite, off the loop
+        reply = params.max_tokens or min(api.DEFAULTS.max_new_tokens, self.engine.ctx // 2)
+        messages, used = add_sources(self.tok, messages, hits, self.engine.ctx - reply)
+        return messages, [s.to_dict() for s in used]
 
     async def completions(self, request: Request) -> Response:
         body = await self._body(request)
@@ -263,10 +291,13 @@ class Server:
         return await self._complete(request, prompt, params, {self.tok.eos_id}, False)
 
 
-def create_app(engine: Engine, tok: AzTokenizer, name: str, guard: Guard | None = None):
-    """The ASGI app: the routes behind the guard (guard.py; default: loopback only, no key)."""
+def create_app(
+    engine: Engine, tok: AzTokenizer, name: str, guard: Guard | None = None, rag=None, rag_k=4
+):
+    """The ASGI app: the routes behind the guard (guard.py; default: loopback only, no key);
+    `rag` (an azllm.rag Index) turns on retrieval for chat completions."""
     guard = guard or Guard()
-    s = Server(engine, tok, name, needs_key=guard.api_key is not None)
+    s = Server(engine, tok, name, needs_key=guard.api_key is not None, rag=rag, rag_k=rag_k)
 
     async def api_error(request, exc: ApiError):
         # after a 413 the connection is closed, or uvicorn would read (and drop) the rest of
@@ -314,6 +345,8 @@ def serve(
     api_key: str | None = None,
     allowed_hosts: list[str] | None = None,
     cors_origins: list[str] | None = None,
+    rag: str | None = None,
+    rag_k: int = 4,
 ) -> None:
     """Load the run, start the engine, serve until Ctrl-C / SIGTERM. Port 0 picks a free port;
     the address bound is printed as `azllm: serving NAME (context N) on http://HOST:PORT`.
@@ -331,6 +364,9 @@ def serve(
         api_key=api_key,
         cors_origins=tuple(cors_origins or ()),
     ).check()
+    from azllm.rag.cli import open_rag  # a --rag folder that is not an index fails before loading
+
+    index = open_rag(rag, rag_k)
     dev = resolve_device(device)
     model, tok, _ = load_run(Path(run_dir), dev, weights)
     engine = Engine(model, max_batch=max_batch, precision=resolve_precision(precision, dev))
@@ -356,7 +392,7 @@ def serve(
             file=sys.stderr,
             flush=True,
         )
-    app = create_app(engine, tok, name, guard)
+    app = create_app(engine, tok, name, guard, rag=index, rag_k=rag_k)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
     try:
         uvicorn.Server(config).run(sockets=[sock])

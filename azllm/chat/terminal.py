@@ -67,13 +67,16 @@ def chat_loop(
     system: str = "",
     sampling: SamplingSettings | None = None,
     max_new_tokens: int | None = None,
+    rag=None,
+    rag_k: int = 4,
     stdin: TextIO = sys.stdin,
     stdout: TextIO = sys.stdout,
 ) -> int:
     """Talk until /quit or end of input. `sampling` (default SamplingSettings()) picks the
     tokens; its seed, if any, seeds reply n with seed + n, so a replayed session replies the
     same. Replies are at most max_new_tokens long (None: half the context, so that a long reply
-    still leaves the conversation room)."""
+    still leaves the conversation room). `rag` (an azllm.rag Index): each message's best
+    `rag_k` chunks go into the system turn (rag/prompt.py), listed after the reply."""
     sampling = (sampling or SamplingSettings()).check()
     ctx = engine.ctx
     if max_new_tokens is None:
@@ -115,8 +118,13 @@ def chat_loop(
                 stdout.write(f"(unknown command {cmd}; {HELP})\n")
             continue
 
-        before = len(turns)
-        ids, turns = fit_history(tok, system, turns + [{"role": "user", "content": text}], budget)
+        before, turn_system, sources = len(turns), system, []
+        if rag is not None:  # retrieval on what the user typed, and only that
+            from azllm.rag.prompt import system_for_turn
+
+            turn_system, sources = system_for_turn(tok, rag, rag_k, system, text, budget)
+        user = {"role": "user", "content": text}
+        ids, turns = fit_history(tok, turn_system, turns + [user], budget)
         if len(ids) > budget:
             turns = turns[:-1]
             stdout.write(
@@ -147,6 +155,10 @@ def chat_loop(
             engine.cancel(req)
             stdout.write(" [stopped]")
         stdout.write("\n")
+        if rag is not None:
+            from azllm.rag.prompt import sources_line
+
+            stdout.write(sources_line(sources) + "\n")
         turns.append({"role": "assistant", "content": tok.decode(reply)})
 
 
@@ -157,8 +169,10 @@ def run_chat(args) -> int:
     from azllm.chat.cli import sampling_from_args
     from azllm.checkpoint import load_run
     from azllm.device import resolve_device, resolve_precision
+    from azllm.rag.cli import open_rag
 
     sampling = sampling_from_args(args)  # bad flags fail here, before the model loads
+    rag = open_rag(args.rag, args.rag_k)  # so does a --rag folder that is not an index
     device = resolve_device(args.device)
     model, tok, _ = load_run(Path(args.run), device, args.weights)
     engine = Engine(model, max_batch=1, precision=resolve_precision(args.precision, device))
@@ -170,6 +184,10 @@ def run_chat(args) -> int:
             system=args.system,
             sampling=sampling,
             max_new_tokens=args.max_new_tokens,
+            rag=rag,
+            rag_k=args.rag_k,
         )
     finally:
         engine.shutdown()
+        if rag is not None:
+            rag.close()

@@ -43,6 +43,9 @@ PAGE = """<!doctype html>
   .msg.assistant { background: var(--bot); }
   .msg.error { background: #fde8e8; color: #8a1c1c; }
   .msg .meta { display: block; color: var(--muted); font-size: 12px; margin-top: 6px; }
+  .msg .sources { margin-top: 8px; padding-top: 6px; border-top: 1px solid var(--line);
+                  font-size: 13px; white-space: normal; }
+  .msg .sources summary { cursor: pointer; color: var(--muted); }
   .msg.assistant[data-state=streaming]::after { content: "▍";
                                                 animation: blink 1s steps(2) infinite; }
   @keyframes blink { 50% { opacity: 0; } }
@@ -137,7 +140,7 @@ async function send(text) {
   out.dataset.state = "streaming";
   busy(true);
   controller = new AbortController();
-  let reply = "", finish = null, usage = null;
+  let reply = "", finish = null, usage = null, sources = null;
   try {
     for (;;) {
       const system = $("system").value.trim();
@@ -167,6 +170,7 @@ async function send(text) {
       await readSSE(response, (chunk) => {
         if (chunk.error) throw new Error(chunk.error.message);
         if (chunk.usage) usage = chunk.usage;
+        if (chunk.sources) sources = chunk.sources;  // a server with --rag: what it retrieved
         for (const choice of chunk.choices || []) {
           if (choice.delta && choice.delta.content) {
             reply += choice.delta.content;
@@ -196,10 +200,28 @@ async function send(text) {
       meta.textContent = (usage ? usage.completion_tokens + " tokens · " : "") + finish;
       out.appendChild(meta);
     }
+    showSources(out, sources);
     controller = null;
     busy(false);
     $("input").focus();
   }
+}
+
+// The retrieved chunks under the answer: "[n] source · chunk c", the text folded in each.
+function showSources(out, sources) {
+  if (!sources || !sources.length) return;
+  const box = document.createElement("div");
+  box.className = "sources";
+  for (const s of sources) {
+    const item = document.createElement("details");
+    const head = document.createElement("summary");
+    head.textContent = "[" + s.n + "] " + s.source + " · chunk " + s.chunk;
+    const body = document.createElement("div");
+    body.textContent = s.text;
+    item.append(head, body);
+    box.appendChild(item);
+  }
+  out.appendChild(box);
 }
 
 $("form").addEventListener("submit", (e) => {
