@@ -19,13 +19,27 @@ the full-precision master weight (the straight-through estimator). The modules k
 parameter names (only `forward` changes), so checkpoints, safetensors and exports of a QAT run are
 those of any run. The quantizer is a torch custom op: torch.compile calls it as one opaque kernel
 rather than fusing it (a fused multiply-add in `x / d + 8.5` would round differently).
+
+llama.cpp CPU emulation (`llama_cpp_cpu`, for tests and evaluation, never training): llama.cpp's
+CPU backend rounds more than the weights. A matmul with Q8_0/Q4_0 weights first quantizes its input
+rows to Q8_0 blocks (the weight type's vec_dot_type: ggml-cpu's quantize_row_q8_0 / the repacked
+kernels' quantize_mat_q8_0, x86 AVX2 rule: d = amax / 127 stored as fp16, q = round-half-even(
+x * (127 / amax))), then sums exact integer block dots times fp16(d_w) * fp16(d_x). With the default
+F16 KV cache and no flash attention (open_gguf's settings), keys and values are stored as fp16, and
+the attention's two matmuls convert their other operand to fp16 too: the queries, and the softmax
+probabilities. Inside `llama_cpp_cpu` our model does all of that.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from azllm.config import QAT_TYPES, ModelConfig
 from azllm.errors import AzllmError
@@ -85,15 +99,44 @@ def fake_quant(w: torch.Tensor, kind: str) -> torch.Tensor:
     return _fake_quant_op(w, kind)
 
 
+def quantize_act_q8_0(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as llama.cpp's CPU backend rounds the input of a Q8_0/Q4_0 matmul: Q8_0 blocks of
+    32 along the last dimension, d = amax / 127 kept as fp16, q = x * (127 / amax) rounded half to
+    even (x86 AVX/AVX2's _mm256_round_ps; ARM multiplies by 1 / d instead, and ggml's scalar
+    reference also rounds half away from zero: a last-bit difference now and then), returned
+    dequantized in float32, no gradient."""
+    if x.shape[-1] % BLOCK:
+        raise ValueError(f"last dimension {x.shape[-1]} is not a multiple of {BLOCK}")
+    b = x.detach().float().reshape(-1, BLOCK)
+    amax = b.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax == 0, 0.0, 127 / amax)  # 127 / amax, not 1 / (amax / 127)
+    return (torch.round(b * inv) * (amax / 127).half().float()).reshape(x.shape)
+
+
+def llama_cpp_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear as llama.cpp computes it with a quantized weight w (already fake-quantized): x
+    rounded to Q8_0, then the products summed in float64. Each product of two dequantized values
+    is exact there, as llama.cpp's integer block dot is, so only the final rounding to float32
+    remains (llama.cpp rounds once per block of 32 instead: a few float32 ulps apart).
+    Straight-through: the gradient is F.linear's."""
+    xq = x + (quantize_act_q8_0(x).to(x.dtype) - x).detach()
+    y = F.linear(xq.double(), w.double()).to(x.dtype)
+    return y if bias is None else y + bias
+
+
 class QATLinear(nn.Linear):
-    """nn.Linear whose forward uses its weight fake-quantized to `qat_kind`."""
+    """nn.Linear whose forward uses its weight fake-quantized to `qat_kind`; with `act_q8_0` set
+    (llama_cpp_cpu sets it) the matmul is llama.cpp's: its input rounded to Q8_0 too."""
 
     qat_kind: str
+    act_q8_0: bool = False  # llama.cpp CPU emulation; off in training
 
     def fake_quantized_weight(self) -> torch.Tensor:
         return fake_quant(self.weight, self.qat_kind)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_q8_0:
+            return llama_cpp_linear(x, self.fake_quantized_weight(), self.bias)
         return F.linear(x, self.fake_quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
@@ -172,3 +215,63 @@ def apply_qat(model: nn.Module, kind: str) -> nn.Module:
         m.__class__ = QATEmbedding if isinstance(m, nn.Embedding) else QATLinear
         m.qat_kind = t
     return model
+
+
+def _f16(t: torch.Tensor) -> torch.Tensor:
+    return t.half().to(t.dtype)
+
+
+def _f16_attention(
+    q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
+    """scaled_dot_product_attention as llama.cpp computes it on the CPU without flash attention:
+    k and v read from the F16 cache, q converted to F16 for K*Q, the softmax (float32) converted
+    to F16 for V*softmax; products exact, sums float32."""
+    q, k, v = _f16(q), _f16(k), _f16(v)
+    if enable_gqa:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+    s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
+    t, n = s.shape[-2:]
+    if is_causal:
+        attn_mask = torch.ones(t, n, dtype=torch.bool, device=s.device).tril(n - t)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        s = s.masked_fill(~attn_mask, float("-inf"))
+    elif attn_mask is not None:
+        s = s + attn_mask
+    return _f16(torch.softmax(s, dim=-1)) @ v
+
+
+def _f16_gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """GELU as ggml's CPU backend computes it (GGML_GELU_FP16): the input rounded to f16 and
+    looked up in a table of f16 results of the tanh formula; the input itself past +-10."""
+    y = _f16(F.gelu(_f16(x), approximate="tanh"))
+    return torch.where(x >= 10, x, torch.where(x <= -10, 0.0, y))
+
+
+class _LlamaCppOps(TorchFunctionMode):
+    """Inside it, scaled_dot_product_attention and gelu compute as llama.cpp's CPU backend."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            return _f16_attention(*args, **(kwargs or {}))
+        if func is F.gelu:
+            return _f16_gelu(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def llama_cpp_cpu(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside, a model prepared by apply_qat computes its logits as llama.cpp's CPU backend does on
+    the exported GGUF (see the module docstring): Q8_0 inputs to every quantized matmul, float64
+    sums, F16 keys, values, queries and attention probabilities, GPT-2's GELU from an f16 table.
+    For tests and evaluation."""
+    layers = [m for m in model.modules() if isinstance(m, QATLinear)]
+    for m in layers:
+        m.act_q8_0 = True
+    try:
+        with _LlamaCppOps():
+            yield model
+    finally:
+        for m in layers:
+            del m.act_q8_0  # back to the class's False
