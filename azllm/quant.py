@@ -170,9 +170,15 @@ class QATEmbedding(nn.Embedding):
 def block_types(model: nn.Module, kind: str) -> dict[str, str]:
     """Module name -> the GGUF type its weight is stored in by `azllm export gguf --type kind`,
     for the modules whose weights are quantized (everything else stays F32)."""
+    from azllm.moe import MoE
+
     tied = model.cfg.tie_embeddings
+    # An MoE router's weight stays F32 in the GGUF (ffn_gate_inp), as llama.cpp's converter keeps it
+    routers = {f"{n}.gate" for n, m in model.named_modules() if isinstance(m, MoE)}
     out = {}
     for name, m in model.named_modules():
+        if name in routers:
+            continue
         if name == "lm_head":
             out[name] = "q8_0"  # the output layer: Q8_0 for q4_0 too
         elif name == "embed":
@@ -191,7 +197,9 @@ def check_qat(cfg: ModelConfig, kind: str) -> None:
             f"{' and '.join(QAT_TYPES)} exactly (the K-quants choose scales by a search it does "
             "not reproduce); use --qat q4_0 or q8_0"
         )
-    for field, width in (("model.n_embd", cfg.n_embd), ("model.ffn_hidden", cfg.ffn_dim)):
+    ffn = ("model.expert_ffn_hidden", cfg.expert_ffn_dim) if cfg.n_experts else None
+    ffn = ffn or ("model.ffn_hidden", cfg.ffn_dim)
+    for field, width in (("model.n_embd", cfg.n_embd), ffn):
         if width % BLOCK:
             raise AzllmError(
                 f"train.qat {kind}: {field} is {width}, not a multiple of {BLOCK} ({kind}'s block "

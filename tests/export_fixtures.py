@@ -127,11 +127,12 @@ def trained_run(arch: str) -> Path:
     return run
 
 
-def random_run(arch: str, *, tie: bool = False) -> Path:
+def random_run(arch: str, *, tie: bool = False, experts: int = 0) -> Path:
     """An untrained run written by hand (config.json, tokenizer.json, model.safetensors):
-    covers what the trained runs do not, e.g. an untied output layer. Weights are scaled up so
-    logits are far from uniform and numeric comparisons are not trivially small."""
-    key = f"random-{arch}-{'tied' if tie else 'untied'}"
+    covers what the trained runs do not, e.g. an untied output layer or (experts > 0) a
+    mixture of experts. Weights are scaled up so logits are far from uniform and numeric
+    comparisons are not trivially small."""
+    key = f"random-{arch}-{'tied' if tie else 'untied'}" + (f"-moe{experts}" if experts else "")
     if key in _cache:
         return _cache[key]
     import json
@@ -157,6 +158,8 @@ def random_run(arch: str, *, tie: bool = False) -> Path:
                 n_kv_head=1 if arch == "llama" else 4,
                 n_embd=128,
                 tie_embeddings=tie,
+                n_experts=experts,
+                expert_ffn_hidden=64 if experts else 0,
             )
         )
         torch.manual_seed(7)

@@ -255,17 +255,20 @@ def test_qat_run_exports_its_type_by_default_bit_for_bit(tmp_path, qat_run):
     assert proc.returncode == 0 and "trained for q4_0" in proc.stdout
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-tied"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-tied", "llama-moe"])
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
 def test_export_equals_fake_quantized_weights(tmp_path, arch, kind):
     """Untied (Q4_0 embedding, Q8_0 output layer) and tied llama, GPT-2 (fused QKV, biases and
-    the position table in F32): the quantizer applies the exporter's rule to every tensor."""
+    the position table in F32), a mixture of experts (stacked experts quantized, the router
+    F32): the quantizer applies the exporter's rule to every tensor."""
     pytest.importorskip("gguf")
     from export_fixtures import random_run
 
     from azllm.export.gguf import export_gguf
 
-    run = random_run(arch.split("-")[0], tie=arch.endswith("tied"))
+    run = random_run(
+        arch.split("-")[0], tie=arch.endswith("tied"), experts=4 * arch.endswith("moe")
+    )
     path = export_gguf(run, tmp_path / "m.gguf", kind)
     assert kind.upper() in _gguf_equals_fake_quantized(path, run, kind)
 
