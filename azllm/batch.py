@@ -26,21 +26,24 @@ import torch
 class Batch:
     """inputs/targets [rows, T] (int64; target -1 = no loss there). segments [rows, T]: one id
     per packed sequence of a row (each restarts its positions and attends only to itself), or
-    None when every row is one sequence."""
+    None when every row is one sequence. ref_logps: per-row numbers a loss hook needs beside
+    the tokens (preference pairs: the reference model's log-probs, chat.dpo), or None."""
 
     inputs: torch.Tensor
     targets: torch.Tensor
     segments: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.inputs, self.targets, self.segments) if t is not None]
+        extra = (self.segments, self.ref_logps)
+        return [t for t in (self.inputs, self.targets, *extra) if t is not None]
 
     def _map(self, fn) -> Batch:
-        seg = fn(self.segments) if self.segments is not None else None
-        return Batch(fn(self.inputs), fn(self.targets), seg)
+        seg, ref = (fn(t) if t is not None else None for t in (self.segments, self.ref_logps))
+        return Batch(fn(self.inputs), fn(self.targets), seg, ref)
 
     def rows(self, part: slice) -> Batch:
         return self._map(lambda t: t[part])

@@ -120,10 +120,24 @@ def _write_safetensors(sd: dict, path: Path, metadata: dict[str, str] | None = N
 
 def save_weights(model: torch.nn.Module, path: Path, write: bool = True) -> None:
     """Write safetensors atomically. Under FSDP every process calls; pass write=rank==0."""
+    if _lora(model):  # a LoRA run keeps its adapters alone: RUN/ (model) or RUN/best/
+        if write:
+            _save_lora(model, Path(path))
+        return
     sd = model_state(model)
     if write:
         path = Path(path)
         _write_safetensors(sd, path, _weights_metadata(model, path.parent))
+
+
+def _lora(model: torch.nn.Module) -> bool:
+    return hasattr(unwrap(model), "lora_settings")  # set by azllm.lora.apply_lora
+
+
+def _save_lora(model: torch.nn.Module, path: Path) -> None:
+    from azllm.lora import save_adapters
+
+    save_adapters(unwrap(model), path.parent / "best" if path.stem == "best" else path.parent)
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -324,10 +338,11 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     if _distributed():
         dist.barrier()  # the folder exists before anyone writes into it
-    msd, osd = get_state_dict(unwrap(model), optimizer)
+    msd, osd = get_state_dict(unwrap(model), optimizer, options=_frozen_out(model))
     # Returns on rank 0 only after every process has written its files and rank 0 the metadata.
     _dcp(dcp.save, {"model": msd, "optimizer": osd}, tmp)
-    weights = model_state(model)  # full weights for RUN/model.safetensors (collective)
+    # full weights for RUN/model.safetensors (collective); LoRA: the adapters, written below
+    weights = None if _lora(model) else model_state(model)
     if not write:
         return target
     trainer = {
@@ -341,10 +356,19 @@ def save_checkpoint(
     }
     torch.save(trainer, tmp / "trainer.pt")
     move_dir_into_place(tmp, target)  # a re-run of the same step replaces it only now
-    _write_safetensors(weights, run_dir / "model.safetensors", _weights_metadata(model, run_dir))
+    final = run_dir / "model.safetensors"
+    if weights is None:
+        _save_lora(model, final)
+    else:
+        _write_safetensors(weights, final, _weights_metadata(model, run_dir))
     for old in checkpoint_dirs(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def _frozen_out(model) -> StateDictOptions | None:
+    """LoRA: checkpoints hold the trained adapters only, not the frozen base (its own run)."""
+    return StateDictOptions(ignore_frozen_params=True, strict=False) if _lora(model) else None
 
 
 def _corrupt(path: Path, e: Exception) -> AzllmError:
@@ -362,7 +386,7 @@ def load_checkpoint(ckpt_dir: Path, model, optimizer, scaler) -> dict:
     trainer = _load_trainer(ckpt_dir / "trainer.pt")
     check_model_config(trainer.get("model_config"), model, ckpt_dir)
     _check_metadata(ckpt_dir)
-    msd, osd = get_state_dict(unwrap(model), optimizer)
+    msd, osd = get_state_dict(unwrap(model), optimizer, options=_frozen_out(model))
     state = {"model": msd, "optimizer": osd}
     try:
         _dcp(dcp.load, state, ckpt_dir, planner=_CheckedPlanner())
@@ -375,6 +399,7 @@ def load_checkpoint(ckpt_dir: Path, model, optimizer, scaler) -> dict:
         optimizer,
         model_state_dict=state["model"],
         optim_state_dict=state["optimizer"],
+        options=_frozen_out(model),
     )
     if scaler is not None and scaler.is_enabled() and trainer["scaler"]:
         scaler.load_state_dict(trainer["scaler"])
@@ -407,13 +432,19 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu", weights: str = "
         raise AzllmError(f"--run {run_dir}: no such run directory")
     cfg = load_run_config(run_dir)
     tok = load_tokenizer(run_dir / "tokenizer.json")
-    if tok.vocab_size != cfg.model.vocab_size:
+    # an imported model (tok.chat) may pad its embedding past the tokenizer (Qwen2: to x128)
+    padded = tok.chat is not None and tok.vocab_size < cfg.model.vocab_size
+    if tok.vocab_size != cfg.model.vocab_size and not padded:
         raise AzllmError(
             f"{run_dir}: tokenizer.json has {tok.vocab_size} tokens but the model "
             f"was built for {cfg.model.vocab_size}; put the run's own tokenizer back"
         )
     if weights not in ("model", "best"):
         raise AzllmError(f"--weights {weights}: use 'model' (latest) or 'best'")
+    if (run_dir / "adapter_config.json").exists():  # a LoRA run: its base + its adapters
+        from azllm.lora import load_merged
+
+        return load_merged(run_dir, device, weights)
     model = GPT(cfg.model)
     load_weights(model, run_dir / f"{weights}.safetensors", tokenizer_sha256=tok.sha256())
     return model.to(device).eval(), tok, cfg

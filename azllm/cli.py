@@ -41,6 +41,10 @@ TRAIN_OVERRIDES = {
     "block_size": "model.block_size",
     "arch": "model.arch",
     "qat": "train.qat",
+    "lora_rank": "train.lora_rank",
+    "lora_alpha": "train.lora_alpha",
+    "lora_targets": "train.lora_targets",
+    "qlora": "train.qlora",
 }
 
 
@@ -62,15 +66,21 @@ def cmd_tokenizer_train(args) -> int:
     from azllm.documents import iter_all_documents
     from azllm.tokenizer import AzTokenizer, train_tokenizer
 
-    tok = AzTokenizer(
-        train_tokenizer(
-            iter_all_documents(args.input, train_only=True),
-            args.vocab_size,
-            min_frequency=args.min_frequency,
-            show_progress=True,
+    docs, out, spm_model = iter_all_documents(args.input, train_only=True), Path(args.out), None
+    if args.kind == "bpe":
+        t = train_tokenizer(
+            docs, args.vocab_size, min_frequency=args.min_frequency, show_progress=True
         )
-    )
-    tok.save(Path(args.out))
+    else:
+        from azllm.tokenizer_spm import train_sentencepiece
+
+        t, spm_model = train_sentencepiece(docs, args.vocab_size, args.kind)
+    tok = AzTokenizer(t)
+    if spm_model is not None:  # sentencepiece's own file beside it (azllm reads either)
+        from azllm.atomic import atomic_write_bytes
+
+        atomic_write_bytes(out.with_suffix(".model"), spm_model)
+    tok.save(out)
     print(f"wrote {args.out}: {tok.vocab_size} tokens (sha256 {tok.sha256()[:12]})")
     return 0
 
@@ -79,7 +89,20 @@ def cmd_tokenizer_stats(args) -> int:
     from azllm.documents import iter_all_documents
     from azllm.tokenizer import load_tokenizer, tokenizer_stats
 
-    stats = tokenizer_stats(load_tokenizer(args.tokenizer), iter_all_documents(args.text))
+    if len(args.tokenizer) > 1:  # kinds side by side on the same text
+        rows = {
+            t: tokenizer_stats(load_tokenizer(t), iter_all_documents(args.text))
+            for t in args.tokenizer
+        }
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        print(f"{'tokenizer':40} {'kind':22} {'vocab':>7} {'tokens/word':>11} {'bytes/token':>11}")
+        for t, r in rows.items():
+            kind, fert, bpt = load_tokenizer(t).kind, r["fertility"], r["bytes_per_token"]
+            print(f"{t[-40:]:40} {kind:22} {r['vocab_size']:7,} {fert:11.3f} {bpt:11.3f}")
+        return 0
+    stats = tokenizer_stats(load_tokenizer(args.tokenizer[0]), iter_all_documents(args.text))
     if args.json:
         print(json.dumps(stats, indent=2))
     else:
@@ -130,6 +153,15 @@ def cmd_model_summary(args) -> int:
         f"total {total:,} ({total / 1e6:.1f}M); without token embeddings {total - emb:,}; "
         f"{model.flops_per_token() / 1e6:.1f} MFLOP per training token"
     )
+    m = cfg.model
+    if m.n_experts:  # MoE: what a token uses vs what memory holds
+        active = model.num_active_params()
+        experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+        print(
+            f"MoE: {m.n_experts} experts x {m.n_layer} layers, {m.experts_per_token} per token: "
+            f"active {active:,} ({active / 1e6:.1f}M) of {total:,} per token; experts hold "
+            f"{experts:,} parameters = {experts * 4 / 2**20:.1f} MiB in fp32"
+        )
     return 0
 
 
@@ -238,6 +270,55 @@ def cmd_sft(args) -> int:
         task_eval=_task_eval(args, _sft_config_for_tasks(args), chat=True),
     )
     _report(last, args.out)
+    return 0
+
+
+def cmd_dpo(args) -> int:
+    from azllm.chat.dpo import DPOSettings, dpo
+
+    if args.eval_tasks:
+        raise AzllmError("--eval-tasks: not with dpo; run azllm eval --tasks on the run after")
+    settings = DPOSettings(args.loss, args.beta, args.label_smoothing, args.gamma_ratio)
+    last = dpo(
+        Path(args.run),
+        args.data,
+        Path(args.out),
+        settings,
+        overrides=_overrides(args),
+        resume=args.resume,
+        val_fraction=args.val_fraction,
+        epochs=args.epochs,
+    )
+    if "val_reward_acc" in last:
+        print(
+            f"done: step {last['step']}, held-out {args.loss} loss {last['val_loss']:.4f}, "
+            f"reward accuracy {last['val_reward_acc']:.3f}; run in {args.out}"
+        )
+    return 0
+
+
+def cmd_pairs(args) -> int:
+    from azllm.chat.cli import sampling_from_args
+    from azllm.chat.pairs import pairs_command
+
+    stats = pairs_command(
+        Path(args.run),
+        args.data,
+        Path(args.out),
+        samples=args.samples,
+        max_similarity=args.max_similarity,
+        sampling=sampling_from_args(args),
+        device=args.device,
+        precision=args.precision,
+        weights=args.weights,
+        batch_size=args.batch_size,
+        force=args.force,
+    )
+    print(
+        f"{stats.written} pairs from {stats.prompts} conversations ({stats.sampled} samples; "
+        f"dropped {stats.too_similar} too similar to the reference, {stats.duplicates} "
+        f"repeated, {stats.too_long} prompts too long); wrote {args.out}"
+    )
     return 0
 
 
@@ -394,6 +475,26 @@ def _eval_compare(args) -> int:
     return 0
 
 
+def cmd_import_hf(args) -> int:
+    from azllm.hf_import import import_hf
+
+    out, m = import_hf(Path(args.path), Path(args.out), context=args.context, force=args.force)
+    print(
+        f"imported {m.n_layer} layers x {m.n_embd} wide (vocab {m.vocab_size}, context "
+        f"{m.block_size}) into {out}; try: azllm chat --run {out}"
+    )
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from azllm.lora import merge_run
+
+    base = Path(args.base) if args.base else None
+    out = merge_run(Path(args.run), Path(args.out), base=base, force=args.force)
+    print(f"merged {args.run}'s adapters into a plain run: {out}")
+    return 0
+
+
 def cmd_quickstart(args) -> int:
     from azllm.quickstart import quickstart
 
@@ -431,6 +532,10 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer-state", choices=OPTIMIZER_STATES)
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="muon: Muon for the blocks' matrices")
     p.add_argument("--device")
+    p.add_argument("--lora-rank", type=int, help="LoRA adapters of this rank, base frozen")
+    p.add_argument("--lora-alpha", type=float, help="adapter scale alpha/rank (default 16)")
+    p.add_argument("--lora-targets", help="layers to adapt: q,k,v,o,gate,up,down (default all)")
+    p.add_argument("--qlora", action="store_true", default=None, help="4-bit base (CUDA)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument(
         "--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None
@@ -461,9 +566,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--min-frequency", type=int, default=2)
     p.add_argument("--out", required=True, help="tokenizer.json to write")
+    p.add_argument(
+        "--kind",
+        choices=("bpe", "sentencepiece-bpe", "sentencepiece-unigram"),
+        default="bpe",
+        help="byte-level BPE, or SentencePiece (also writes OUT.model) BPE or unigram",
+    )
     p.set_defaults(func=cmd_tokenizer_train)
     p = tks.add_parser("stats", help="fertility, bytes per token and vocabulary use on a text")
-    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--tokenizer", nargs="+", required=True, help="one, or several to compare")
     p.add_argument("--text", nargs="+", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_tokenizer_stats)
@@ -511,6 +622,35 @@ def build_parser() -> argparse.ArgumentParser:
     _train_flags(p)
     p.set_defaults(func=cmd_sft)
 
+    p = sub.add_parser("dpo", help="preference-tune a chat run on chosen/rejected pairs")
+    p.add_argument("--run", required=True, help="the chat (SFT) run to start from")
+    p.add_argument("--data", nargs="+", required=True, help="JSONL pairs (TRL's forms)")
+    p.add_argument("--out", required=True, help="the new run directory")
+    p.add_argument("--loss", default="sigmoid", choices=["sigmoid", "robust", "ipo", "simpo"])
+    p.add_argument("--beta", type=float, default=0.1, help="strength (simpo: reward scale, ~2)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="sigmoid/robust: [0, 0.5)")
+    p.add_argument("--gamma-ratio", type=float, default=0.5, help="simpo: margin / beta")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training pairs")
+    _train_flags(p)
+    p.set_defaults(func=cmd_dpo)
+
+    p = sub.add_parser("pairs", help="preference pairs: reference answers vs the model's own")
+    run_flags(p, threads=False)
+    p.add_argument("--data", nargs="+", required=True, help="chat JSONL files or folders")
+    p.add_argument("--out", required=True, help="pairs JSONL to write")
+    p.add_argument("--samples", type=int, default=2, help="answers sampled per prompt")
+    p.add_argument(
+        "--max-similarity",
+        type=float,
+        default=0.9,
+        help="drop a sample whose word similarity to the reference is at least this (0-1]",
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="sequences sampled at once")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    sampling_flags(p)
+    p.set_defaults(func=cmd_pairs)
+
     p = sub.add_parser("qat", help="continue a run with quantization-aware training (GGUF)")
     p.add_argument("--run", required=True, help="the run whose weights to start from")
     p.add_argument("--data", required=True, help="token shards made with the run's tokenizer")
@@ -555,11 +695,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-quickstart --out")
     p.set_defaults(func=cmd_quickstart)
 
+    p = sub.add_parser("merge", help="fold a LoRA run's adapters into its base's weights")
+    p.add_argument("--run", required=True, help="the LoRA run (azllm sft --lora-rank)")
+    p.add_argument("--out", required=True, help="the new plain run directory")
+    p.add_argument("--base", help="the base run (default: the path recorded in the LoRA run)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=cmd_merge)
+
+    im = sub.add_parser("import", help="a Hugging Face model folder as a run")
+    ims = im.add_subparsers(dest="import_command", required=True)
+    p = ims.add_parser("hf", help="LlamaForCausalLM / Qwen2ForCausalLM (safetensors) -> RUN")
+    p.add_argument("path", help="local folder: config.json, *.safetensors, tokenizer.json")
+    p.add_argument("--out", required=True, help="the new run directory")
+    p.add_argument("--context", type=int, default=0, help="block_size (0: the model's, <=4096)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=cmd_import_hf)
+
     # Commands that live with their room register themselves.
     from azllm.chat.cli import register as register_chat
     from azllm.corpus.cli import register as register_corpus
     from azllm.export.cli import register as register_export
     from azllm.plan import register as register_plan
+    from azllm.rag.cli import register as register_rag
     from azllm.tune import register as register_tune
 
     register_chat(sub)
@@ -567,6 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_plan(sub)
     register_export(sub)
     register_tune(sub)
+    register_rag(sub)
     return parser
 
 

@@ -38,11 +38,20 @@ class ModelConfig:
     n_embd: int = 384
     ffn_hidden: int = 0  # 0: 4*n_embd for gpt2, ~8/3*n_embd rounded to 64 for llama
     rope_theta: float = 10000.0
+    # {} or Llama 3.1's {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"} (imported models: hf_import.py)
+    rope_scaling: dict = field(default_factory=dict)
     norm_eps: float = 1e-5
     dropout: float = 0.0
     tie_embeddings: bool = True
     qk_norm: bool = False  # per-head RMSNorm on queries and keys before RoPE (Qwen3's layout)
+    qkv_bias: bool = False  # biases on q/k/v projections (Qwen2's layout; llama only)
     logit_softcap: float = 0.0  # >0: logits = c * tanh(logits / c) (training and generation)
+    # Mixture of experts (llama only, Mixtral's layout): n_experts > 0 replaces every block's
+    # SwiGLU MLP by n_experts SwiGLU experts of width expert_ffn_dim, experts_per_token per token
+    n_experts: int = 0
+    experts_per_token: int = 2
+    expert_ffn_hidden: int = 0  # 0: ffn_dim (the dense MLP's width)
 
     # n_kv_head and ffn_hidden keep what the user wrote (0: derive), so a config saved and read
     # back, or overridden (--set model.n_embd=512), derives again from the values it holds.
@@ -59,6 +68,10 @@ class ModelConfig:
             return 4 * self.n_embd
         # SwiGLU has three matrices: 2/3 of 4x keeps the parameter count of a 4x MLP
         return 64 * ((8 * self.n_embd // 3 + 63) // 64)
+
+    @property
+    def expert_ffn_dim(self) -> int:
+        return self.expert_ffn_hidden or self.ffn_dim
 
     @property
     def head_dim(self) -> int:
@@ -90,12 +103,32 @@ class ModelConfig:
             raise AzllmError("model: RoPE needs an even head size (n_embd / n_head)")
         if self.arch == "gpt2" and self.kv_heads != self.n_head:
             raise AzllmError("model.n_kv_head: grouped-query attention needs arch='llama'")
+        keys = {"rope_type", "factor", "low_freq_factor", "high_freq_factor"}
+        keys.add("original_max_position_embeddings")
+        if self.rope_scaling and (
+            self.rope_scaling.get("rope_type") != "llama3" or set(self.rope_scaling) != keys
+        ):
+            raise AzllmError(f"model.rope_scaling: {{}} or llama3's {sorted(keys)}")
+        if self.arch == "gpt2" and self.qkv_bias:
+            raise AzllmError("model.qkv_bias is for arch='llama' (gpt2 has biases everywhere)")
         if self.arch == "gpt2" and self.qk_norm:
             raise AzllmError("model.qk_norm needs arch='llama' (RMSNorm heads, Qwen3's layout)")
         if self.logit_softcap < 0:
             raise AzllmError("model.logit_softcap must be 0 (off) or positive, e.g. 15.0")
         if not 0.0 <= self.dropout < 1.0:
             raise AzllmError("model.dropout must be in [0, 1)")
+        if self.n_experts < 0 or self.expert_ffn_hidden < 0 or self.experts_per_token < 1:
+            raise AzllmError(
+                "model.n_experts and model.expert_ffn_hidden must be 0 or positive, "
+                "model.experts_per_token at least 1"
+            )
+        if self.n_experts and self.experts_per_token > self.n_experts:
+            raise AzllmError(
+                f"model.experts_per_token ({self.experts_per_token}) exceeds model.n_experts "
+                f"({self.n_experts}); use at most {self.n_experts}"
+            )
+        if self.n_experts and self.arch != "llama":
+            raise AzllmError("model.n_experts needs arch='llama' (Mixtral's SwiGLU experts)")
 
 
 @dataclass
@@ -110,6 +143,8 @@ class TrainConfig:
     muon_lr: float = 0.02  # Muon's peak lr (same schedule shape as lr); width-independent
     muon_momentum: float = 0.95
     z_loss: float = 0.0  # >0: adds z_loss * mean(logsumexp(logits)^2) to the training loss
+    moe_aux_loss: float = 0.01  # n_experts > 0: load-balancing loss coefficient (Switch's 0.01)
+    moe_z_loss: float = 0.0  # n_experts > 0: router z-loss coefficient (ST-MoE: 0.001)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100
     weight_decay: float = 0.1
@@ -130,6 +165,10 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     qat: str = ""  # q8_0 | q4_0: train with that GGUF type's fake quantization (azllm/quant.py)
+    lora_rank: int = 0  # >0: LoRA adapters of this rank on frozen base weights (azllm/lora.py)
+    lora_alpha: float = 16.0  # adapters' scale is lora_alpha / lora_rank
+    lora_targets: str = "q,k,v,o,gate,up,down"  # the layers adapted (lora.TARGETS)
+    qlora: bool = False  # LoRA on a 4-bit NF4 base (bitsandbytes, CUDA only)
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
@@ -171,6 +210,13 @@ class TrainConfig:
             raise AzllmError("train.muon_momentum must be in [0, 1), train.z_loss >= 0")
         if self.max_minutes < 0:
             raise AzllmError("train.max_minutes must be 0 (no time limit) or positive")
+        if self.moe_aux_loss < 0 or self.moe_z_loss < 0:
+            raise AzllmError("train.moe_aux_loss and train.moe_z_loss must be 0 (off) or positive")
+        if self.lora_rank < 0 or self.lora_alpha <= 0 or (self.qlora and not self.lora_rank):
+            raise AzllmError(
+                "train.lora_rank must be 0 (off) or positive, train.lora_alpha positive; "
+                "train.qlora needs train.lora_rank > 0"
+            )
         if self.warmup_steps < 0 or self.global_batch < 0:
             raise AzllmError("train.warmup_steps and train.global_batch must not be negative")
 
@@ -224,7 +270,41 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             max_steps=20000,
         ),
     },
+    # Beyond 100M. Full training of these needs a bigger card than 4 GB (PRESET_VRAM_GB, from
+    # `azllm plan`); on a 4 GB card adapt them with LoRA/QLoRA (`azllm plan --lora-rank 16`).
+    "az-300m": {  # ~0.3B: 24 layers x 1024 wide, GQA 16/4 heads, context 1024
+        "model": dict(
+            n_layer=24, n_head=16, n_kv_head=4, n_embd=1024, block_size=1024, vocab_size=32768
+        ),
+        "train": dict(
+            micro_batch=4,
+            grad_accum=32,
+            warmup_steps=1000,
+            activation_checkpointing=True,
+            max_steps=40000,
+        ),
+    },
+    "az-1b": {  # ~1.0B: Llama-3.2-1B's shape (16 x 2048, GQA 32/8, SwiGLU 8192), our vocab
+        "model": dict(
+            n_layer=16,
+            n_head=32,
+            n_kv_head=8,
+            n_embd=2048,
+            ffn_hidden=8192,
+            block_size=2048,
+            vocab_size=32768,
+        ),
+        "train": dict(
+            micro_batch=2,
+            grad_accum=64,
+            warmup_steps=2000,
+            activation_checkpointing=True,
+            max_steps=60000,
+        ),
+    },
 }
+# The memory budget (GiB) each preset's plan is made for (`azllm plan --vram`); others: 4.
+PRESET_VRAM_GB = {"az-300m": 8, "az-1b": 16}
 
 
 def derived_lr(m: ModelConfig) -> float:

@@ -72,12 +72,22 @@ class _Params:
     largest: int  # the largest single tensor (the embedding): optimizer temporaries
     tensors: list[int]  # numel of every parameter tensor (bitsandbytes' per-tensor rule)
     block_matrices: int = 0  # 2D weights inside the blocks, all layers: Muon's parameters
+    active: int = 0  # parameters one token uses (MoE: experts_per_token experts; else total)
+    experts: int = 0  # MoE: the experts' weights, all layers
+
+
+def tokens_ffn(m: ModelConfig) -> int:
+    """The feed-forward width one token goes through: MoE's k experts side by side."""
+    return m.experts_per_token * m.expert_ffn_dim if m.n_experts else m.ffn_dim
 
 
 def param_counts(m: ModelConfig) -> _Params:
     d, kv, f, v = m.n_embd, m.kv_heads * m.head_dim, m.ffn_dim, m.vocab_size
+    expert = 3 * d * m.expert_ffn_dim  # one SwiGLU expert
     if m.arch == "llama":
         linears = [d * d, d * kv, d * kv, d * d, d * f, d * f, f * d]
+        if m.n_experts:  # router + experts instead of the MLP
+            linears = linears[:4] + [d * m.n_experts] + [expert // 3] * 3 * m.n_experts
         matrices = linears
         norms = [d, d] + ([m.head_dim, m.head_dim] if m.qk_norm else [])
     else:  # biases on every Linear, LayerNorm has weight and bias
@@ -89,9 +99,12 @@ def param_counts(m: ModelConfig) -> _Params:
     head += [d] if m.arch == "llama" else [d, d]
     head += [] if m.tie_embeddings else [v * d]
     tensors = head + (linears + norms) * m.n_layer
+    experts = m.n_layer * m.n_experts * expert
+    idle = m.n_layer * (m.n_experts - m.experts_per_token) * expert if m.n_experts else 0
     return _Params(
-        sum(tensors), block, sum(linears), v * d, max(tensors), tensors, sum(matrices) * m.n_layer
-    )
+        sum(tensors), block, sum(linears), v * d, max(tensors), tensors,
+        sum(matrices) * m.n_layer, sum(tensors) - idle, experts,
+    )  # fmt: skip
 
 
 def optimizer_bytes(p: _Params, state: str, optimizer: str = "adamw") -> int:
@@ -136,12 +149,16 @@ def _block_saved(m: ModelConfig, b: int, t: int, half: bool, device_type: str) -
     Under autocast the residual stream and the norms stay fp32; each Linear casts its input
     to half on its own (q, k, v: three copies; gate, up: two), and saves that copy.
     """
-    n, d, f, kv = b * t, m.n_embd, m.ffn_dim, m.kv_heads * m.head_dim
+    n, d, f, kv = b * t, m.n_embd, tokens_ffn(m), m.kv_heads * m.head_dim
     h = 2 if half else 4
     if m.arch == "llama":
         out = 2 * (8 * n * d + 4 * n)  # 2 RMSNorms: fp32 input, normalised x, rsqrt
         out += (5 if half else 2) * h * n * d  # inputs of q, k, v (and gate, up) projections
         out += 4 * h * n * f  # gate, up, silu(gate), silu(gate) * up
+        if m.n_experts:  # MoE (approximate, not validated by a measurement): the k gathered
+            nk = n * m.experts_per_token  # copies of each token, the experts' outputs before
+            out += 4 * nk * d + (2 * h if half else 0) * nk * d + h * nk * d  # weighting and
+            out += 8 * n * m.n_experts  # the router's logits and probabilities
     else:
         out = 2 * (4 * n * d + 8 * n)  # 2 LayerNorms: fp32 input, mean, rstd
         out += (4 if half else 2) * h * n * d  # inputs of q, k, v (and fc) projections
@@ -162,8 +179,8 @@ def _block_backward_workspace(m: ModelConfig, b: int, t: int, half: bool) -> int
     gradients: the fp32 residual gradient coming in and going out, and the N x ffn gradients
     of the MLP (SwiGLU's product has two, GELU one). Measured: the block frees what it saved
     about as fast as it makes gradients; az-100m at micro-batch 8 needed SwiGLU's second."""
-    n = b * t
-    return 8 * n * m.n_embd + (2 if m.arch == "llama" else 1) * (2 if half else 4) * n * m.ffn_dim
+    n, f = b * t, tokens_ffn(m)
+    return 8 * n * m.n_embd + (2 if m.arch == "llama" else 1) * (2 if half else 4) * n * f
 
 
 def _head_saved(m: ModelConfig, b: int, t: int, half: bool, chunked: bool) -> int:

@@ -110,23 +110,36 @@ def _plot_loss(run_dir: Path) -> Path:
             for name, v in r["tasks"].items():
                 if _number(v):
                     tasks.setdefault(name, []).append((r["step"], v))
-    if tasks:
-        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 6.5), dpi=100, sharex=True)
-        for name, pts in sorted(tasks.items()):
+    # preference tuning (chat.dpo): held-out reward accuracy beside the tasks, log-probs below
+    dpo = {"reward accuracy": "val_reward_acc", "chosen": "val_chosen_logp"}
+    dpo["rejected"] = "val_rejected_logp"
+    dpo = {n: [(r["step"], r[k]) for r in records if _number(r.get(k))] for n, k in dpo.items()}
+    if dpo["reward accuracy"]:
+        tasks["held-out reward accuracy"] = dpo.pop("reward accuracy")
+    logps = {f"held-out {n}": pts for n, pts in dpo.items() if n != "reward accuracy" and pts}
+    panels = [p for p in (tasks, logps) if p]
+    fig, axes = plt.subplots(
+        1 + len(panels), 1, figsize=(7, 4 + 2.5 * len(panels)), dpi=100, sharex=True, squeeze=False
+    )
+    ax = axes[0][0]
+    for (ax2,), pan in zip(axes[1:], panels, strict=True):
+        for name, pts in sorted(pan.items()):
             ax2.plot(*zip(*pts, strict=True), "o-", label=name, markersize=3)
-        ax2.set_ylabel("task accuracy")
-        ax2.set_ylim(0, 1)
+        if pan is tasks:
+            ax2.set_ylabel("accuracy")
+            ax2.set_ylim(0, 1)
+        else:
+            ax2.set_ylabel("completion log-prob (nats)")
         ax2.grid(alpha=0.3)
         ax2.legend()
-    else:
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     try:
         if train:
             ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
         if val:
             ax.plot(*zip(*val, strict=True), "o-", label="val loss", markersize=3)
         ax.set_xlabel("step")
-        ax.set_ylabel("cross-entropy (nats/token)")
+        pref = "held-out reward accuracy" in tasks
+        ax.set_ylabel("preference loss" if pref else "cross-entropy (nats/token)")
         ax.set_title(run_dir.name)
         ax.grid(alpha=0.3)
         ax.legend()

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from azllm.config import ModelConfig
+from azllm.moe import MoE, moe_losses
 
 
 class RMSNorm(nn.Module):
@@ -39,9 +40,20 @@ class RMSNorm(nn.Module):
 def rope_tables(cfg: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [length, head_dim] in the half-split layout HF Llama uses (rotate_half)."""
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
+    if cfg.rope_scaling:  # Llama 3.1+ (imported models): long-context frequencies
+        inv_freq = llama3_inv_freq(inv_freq, cfg.rope_scaling)
     freqs = torch.outer(torch.arange(length).float(), inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    """rope_type "llama3" (transformers' _compute_llama3_parameters): wavelengths longer than
+    the original context / low_freq_factor slowed by `factor`, shorter than original /
+    high_freq_factor kept, a linear blend between."""
+    lo, hi, old = s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    smooth = ((old * inv_freq / (2 * math.pi) - lo) / (hi - lo)).clamp(0, 1)
+    return (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -102,10 +114,11 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         bias = cfg.arch == "gpt2"
+        qkv_bias = bias or cfg.qkv_bias  # Qwen2: biases on q/k/v only
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=bias)
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=bias)
         self.o_proj.residual = True  # depth-scaled init (see GPT._init_weights)
         self.dropout = cfg.dropout
@@ -169,12 +182,18 @@ class Block(nn.Module):
             else (lambda: nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps))
         )
         self.attn_norm, self.attn = norm(), Attention(cfg)
-        self.mlp_norm, self.mlp = norm(), MLP(cfg)
+        self.mlp_norm, self.mlp = norm(), (MoE(cfg) if cfg.n_experts else MLP(cfg))
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope, layer, cache, mask):
+        """-> (x, aux): aux is None, or in training an MoE block's [load balance, router z]
+        losses, returned (not stored) so activation checkpointing recomputes them correctly."""
         x = x + self.drop(self.attn(self.attn_norm(x), rope, layer, cache, mask))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+        h, aux = self.mlp(self.mlp_norm(x)), None
+        if isinstance(h, tuple):  # MoE: (output, routing)
+            h, routing = h
+            aux = moe_losses(routing, self.mlp.n_experts) if self.training else None
+        return x + self.drop(h), aux
 
 
 def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
@@ -242,6 +261,8 @@ class GPT(nn.Module):
         activation_checkpointing: bool = False,
         ce_chunk: int = 0,
         z_loss: float = 0.0,
+        moe_aux_loss: float = 0.0,
+        moe_z_loss: float = 0.0,
     ) -> None:
         super().__init__()
         cfg.validate()
@@ -266,6 +287,8 @@ class GPT(nn.Module):
         self.activation_checkpointing = activation_checkpointing
         self.ce_chunk = ce_chunk
         self.z_loss = z_loss
+        self.moe_coefs = (moe_aux_loss, moe_z_loss)  # MoE: weights of the two router losses
+        self.moe_aux = None  # MoE, training: the last forward's mean [balance, z] (detached)
         self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module) -> None:
@@ -310,21 +333,32 @@ class GPT(nn.Module):
         else:
             rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])
         x = self.drop(x)
+        aux = []
         for i, block in enumerate(self.blocks):
             if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, rope, i, cache, mask, use_reentrant=False)
+                x, a = checkpoint(block, x, rope, i, cache, mask, use_reentrant=False)
             else:
-                x = block(x, rope, i, cache, mask)
+                x, a = block(x, rope, i, cache, mask)
+            aux += [] if a is None else [a]
         x = self.norm(x)
         if cache is not None:
             cache.len += t
             cache.next_pos += real.long().sum(1) if real is not None else t
         if last_only:
             x = x[:, -1:]
+        aux = torch.stack(aux).mean(0) if aux else None  # MoE, training: mean over layers
         if targets is not None and self.ce_chunk:
-            return None, self.loss(x, targets)
+            return None, self._plus_router_losses(self.loss(x, targets), aux)
         logits = softcap(self.lm_head(x), self.cfg.logit_softcap)
-        return logits, (self.loss(x, targets, logits) if targets is not None else None)
+        if targets is None:
+            return logits, None
+        return logits, self._plus_router_losses(self.loss(x, targets, logits), aux)
+
+    def _plus_router_losses(self, loss: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
+        if aux is None:
+            return loss
+        self.moe_aux = aux.detach()  # train.py logs it
+        return loss + self.moe_coefs[0] * aux[0] + self.moe_coefs[1] * aux[1]
 
     def loss(
         self, x: torch.Tensor, targets: torch.Tensor, logits: torch.Tensor | None = None
@@ -380,10 +414,17 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights counted once
 
-    def flops_per_token(self) -> int:
-        """Training FLOPs per token: 6 per matmul weight + attention (PaLM appendix B)."""
+    def num_active_params(self) -> int:
+        """Parameters one token uses: MoE counts experts_per_token of the n_experts."""
         cfg = self.cfg
-        matmul = self.num_params() - (0 if cfg.tie_embeddings else self.embed.weight.numel())
+        idle = cfg.n_layer * (cfg.n_experts - cfg.experts_per_token) * 3 * cfg.n_embd
+        return self.num_params() - (idle * cfg.expert_ffn_dim if cfg.n_experts else 0)
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token: 6 per matmul weight + attention (PaLM appendix B); an MoE
+        counts the weights a token uses (its experts_per_token experts and the router)."""
+        cfg = self.cfg
+        matmul = self.num_active_params() - (0 if cfg.tie_embeddings else self.embed.weight.numel())
         if cfg.arch == "gpt2":
             matmul -= self.pos_embed.weight.numel()
         return 6 * matmul + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size

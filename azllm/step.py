@@ -25,7 +25,9 @@ class TrainStep:
     model: the module to call, as wrapped for training (DDP, FSDP2 or compiled); the sync rule
     follows from its type. precision: the autocast precision ("fp32" under FSDP, whose policy
     casts itself). A gradient scaler is made for fp16 (its range needs one; bf16's does not)
-    unless one is given (the trainer restores its state from a checkpoint).
+    unless one is given (the trainer restores its state from a checkpoint). loss_fn(model,
+    micro_batch) -> (loss, stats): another objective on the same step (preference pairs,
+    chat.dpo); None = the model's own next-token loss.
     """
 
     def __init__(
@@ -39,8 +41,9 @@ class TrainStep:
         device: torch.device,
         precision: str,
         scaler: torch.amp.GradScaler | None = None,
+        loss_fn=None,
     ) -> None:
-        self.model, self.optimizer = model, optimizer
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.micro_batch, self.grad_accum, self.grad_clip = micro_batch, grad_accum, grad_clip
         self.device, self.precision = device, precision
         if scaler is None:
@@ -73,7 +76,10 @@ class TrainStep:
             with self._sync(micro == self.grad_accum - 1), autocast(self.device, self.precision):
                 # Only the loss is kept: holding the returned logits would keep B*T*V numbers
                 # alive through backward for nothing.
-                loss = self.model(part.inputs, part.targets, segments=part.segments)[1]
+                if self.loss_fn is None:
+                    loss = self.model(part.inputs, part.targets, segments=part.segments)[1]
+                else:
+                    loss = self.loss_fn(self.model, part)[0]
                 loss = loss / self.grad_accum
             self.scaler.scale(loss).backward()
             loss_sum += loss.detach()

@@ -5,11 +5,15 @@ Why these choices:
 - NFC normalisation makes `ə` typed as one code point or as `e` + combining mark the same token;
 - the pre-tokenizer splits with the Llama-3 / GPT-4o regex, which llama.cpp knows as the
   "smaug-bpe" pre-tokenizer (export/gguf.py), so a GGUF export tokenizes exactly as we do.
+Other kinds (`--kind`): SentencePiece BPE and unigram, trained by the sentencepiece library and
+kept as the same kind of tokenizer.json with the same special tokens (tokenizer_spm.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,10 +78,24 @@ def _new_tokenizer() -> Tokenizer:
     return tok
 
 
+KINDS = ("bpe", "sentencepiece-bpe", "sentencepiece-unigram")  # `azllm tokenizer train --kind`
+
+
 def train_tokenizer(
-    texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2, show_progress: bool = False
+    texts: Iterable[str],
+    vocab_size: int,
+    *,
+    min_frequency: int = 2,
+    show_progress: bool = False,
+    kind: str = "bpe",
 ) -> Tokenizer:
-    """Train a byte-level BPE on a stream of documents."""
+    """Train a tokenizer of `kind` (byte-level BPE by default) on a stream of documents."""
+    if kind != "bpe":
+        if kind not in KINDS:
+            raise AzllmError(f"--kind {kind}: not one of {', '.join(KINDS)}")
+        from azllm.tokenizer_spm import train_sentencepiece
+
+        return train_sentencepiece(texts, vocab_size, kind)[0]
     floor = len(SPECIAL_TOKENS) + 256
     if vocab_size < floor + 1:
         raise AzllmError(f"--vocab-size {vocab_size} is too small: it must exceed {floor}")
@@ -102,14 +120,39 @@ def train_tokenizer(
     return tok
 
 
+CHAT_FORMAT_FILE = "chat_format.json"  # beside an imported run's tokenizer.json (hf_import.py)
+
+
+@dataclass
+class ChatFormat:
+    """Our template's roles spelled in a foreign (imported) tokenizer's own tokens: a
+    conversation is start + (prefix[role] + content + suffix[role])... + prefix["assistant"].
+    `end` closes a turn (stops generation); `jinja` is the template exports ship."""
+
+    start: str
+    prefix: dict
+    suffix: dict
+    bos: str
+    eos: str
+    pad: str
+    end: str
+    jinja: str
+
+
 @dataclass
 class AzTokenizer:
-    """A trained tokenizer plus the ids azllm needs; load with `load_tokenizer`."""
+    """A trained tokenizer plus the ids azllm needs; load with `load_tokenizer`. `chat`: an
+    imported tokenizer's own special tokens and chat template (None: azllm's, SPECIAL_TOKENS)."""
 
     tok: Tokenizer
     path: Path | None = None
+    chat: ChatFormat | None = None
 
     def __post_init__(self) -> None:
+        if self.chat is not None:
+            self._foreign_ids()
+            self.tok.encode_special_tokens = True
+            return
         missing = [t for t in SPECIAL_TOKENS[:7] if self.tok.token_to_id(t) is None]
         if missing:
             where = self.path or "tokenizer"
@@ -128,6 +171,25 @@ class AzTokenizer:
         # sha256 stay as they were, and text without special strings encodes as before.
         self.tok.encode_special_tokens = True
 
+    def _foreign_ids(self) -> None:
+        c = self.chat
+        where = f"{self.path.parent / CHAT_FORMAT_FILE}" if self.path else CHAT_FORMAT_FILE
+        ids = {}
+        for name in ("bos", "eos", "pad", "end"):
+            ids[name] = self.tok.token_to_id(getattr(c, name))
+            if ids[name] is None:
+                raise AzllmError(f"{where}: {name} {getattr(c, name)!r} is not a token of it")
+        self.bos_id, self.eos_id, self.pad_id, self._end_id = (ids[k] for k in ids)
+        # the template's own pieces: special strings in them are parsed (they are not content)
+        self.tok.encode_special_tokens = False
+        try:
+            enc = lambda t: self.tok.encode(t, add_special_tokens=False).ids  # noqa: E731
+            self._start = enc(c.start)
+            self._prefix = {r: enc(c.prefix[r]) for r in CHAT_ROLES}
+            self._suffix = {r: enc(c.suffix[r]) for r in CHAT_ROLES}
+        except KeyError as e:
+            raise AzllmError(f"{where}: no prefix/suffix for role {e}") from None
+
     def __setstate__(self, state: dict) -> None:
         # pickle/deepcopy rebuild the Rust tokenizer from its JSON, which lacks the flag
         self.__dict__.update(state)
@@ -136,6 +198,13 @@ class AzTokenizer:
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
+
+    @property
+    def kind(self) -> str:
+        """One of KINDS: "bpe" (byte-level), "sentencepiece-bpe", "sentencepiece-unigram"."""
+        from azllm.tokenizer_spm import tokenizer_kind
+
+        return tokenizer_kind(self.tok)
 
     def encode(self, text: str) -> list[int]:
         """Ids of plain text; special-token strings in it are encoded as ordinary text."""
@@ -158,6 +227,8 @@ class AzTokenizer:
         is encoded as text, so a message cannot add or close turns; for contents without
         special strings the ids equal `render_chat(...)` tokenized with special strings parsed
         (as HF's apply_chat_template and llama.cpp's chat code do)."""
+        if self.chat is not None:
+            return self._encode_foreign_chat(messages, add_generation_prompt)
         end_id = self.tok.token_to_id(END)
         ids, mask = [self.bos_id], [False]
         for m in messages:
@@ -171,9 +242,34 @@ class AzTokenizer:
             mask.append(False)
         return ids, mask
 
+    def _encode_foreign_chat(self, messages, add_generation_prompt):
+        ids, mask = list(self._start), [False] * len(self._start)
+        for m in messages:
+            role = m["role"]
+            pre, content, suf = self._prefix[role], self.encode(m["content"]), self._suffix[role]
+            ids += pre + content + suf
+            trained = role == "assistant"
+            mask += [False] * len(pre) + [trained] * (len(content) + len(suf))
+        if add_generation_prompt:
+            ids += self._prefix["assistant"]
+            mask += [False] * len(self._prefix["assistant"])
+        return ids, mask
+
     @property
     def end_id(self) -> int:
-        return self.tok.token_to_id(END)
+        return self._end_id if self.chat is not None else self.tok.token_to_id(END)
+
+    @property
+    def chat_template(self) -> str:
+        """The Jinja chat template exports write (HF, GGUF)."""
+        return self.chat.jinja if self.chat is not None else CHAT_TEMPLATE_JINJA
+
+    def render_chat(self, msgs: list[dict], add_generation_prompt: bool = False) -> str:
+        if self.chat is None:
+            return render_chat(msgs, add_generation_prompt)
+        c = self.chat
+        out = [c.start] + [c.prefix[m["role"]] + m["content"] + c.suffix[m["role"]] for m in msgs]
+        return "".join(out + ([c.prefix["assistant"]] if add_generation_prompt else []))
 
     def to_json(self) -> str:
         return self.tok.to_str()
@@ -182,6 +278,9 @@ class AzTokenizer:
         return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
 
     def save(self, path: Path) -> None:
+        if self.chat is not None:  # before tokenizer.json: a loader finding it finds both
+            text = json.dumps(dataclasses.asdict(self.chat), indent=1, ensure_ascii=False)
+            atomic_write_text(Path(path).parent / CHAT_FORMAT_FILE, text)
         atomic_write_text(Path(path), self.to_json())
 
 
@@ -191,11 +290,21 @@ def load_tokenizer(path: str | Path) -> AzTokenizer:
         path = path / "tokenizer.json"
     if not path.exists():
         raise AzllmError(f"{path}: tokenizer file not found; make one with `azllm tokenizer train`")
+    if path.suffix == ".model":  # a SentencePiece model written by `tokenizer train --kind`
+        from azllm.tokenizer_spm import spm_to_tokenizer
+
+        return AzTokenizer(spm_to_tokenizer(path.read_bytes(), str(path)), path)
     try:
         tok = Tokenizer.from_str(path.read_text(encoding="utf-8"))
     except Exception as e:  # tokenizers raises bare Exceptions for bad JSON
         raise AzllmError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
-    return AzTokenizer(tok, path)
+    chat, fmt = None, path.parent / CHAT_FORMAT_FILE
+    if fmt.exists():  # an imported run (hf_import.py): the tokenizer's own chat template
+        try:
+            chat = ChatFormat(**json.loads(fmt.read_text(encoding="utf-8")))
+        except (ValueError, TypeError) as e:
+            raise AzllmError(f"{fmt}: corrupt ({str(e)[:120]}); re-run azllm import") from None
+    return AzTokenizer(tok, path, chat)
 
 
 def tokenizer_stats(tok: AzTokenizer, texts: Iterable[str]) -> dict[str, float]:

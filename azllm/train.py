@@ -195,12 +195,14 @@ def train(
     progress: bool = True,
     init_weights: Path | None = None,
     task_eval=None,
+    loss_fn=None,
 ) -> dict:
     """Train (or resume) on `data` and return the last logged metrics.
 
     data: a batch.BatchSource (chat data, ...), or a folder of token shards. init_weights starts
     a new run from another run's weights. task_eval (azllm.evaluate.training.TaskEval) logs task
-    accuracy at its own interval (--eval-tasks).
+    accuracy at its own interval (--eval-tasks). loss_fn: TrainStep's loss hook (chat.dpo);
+    its statistics on the held-out data are logged as val_NAME.
     """
     cfg.validate()
     tc = cfg.train
@@ -242,7 +244,13 @@ def train(
         activation_checkpointing=tc.activation_checkpointing,
         ce_chunk=tc.chunked_ce,
         z_loss=tc.z_loss,
+        moe_aux_loss=tc.moe_aux_loss,
+        moe_z_loss=tc.moe_z_loss,
     ).to(device)
+    if tc.lora_rank:  # base weights in, then frozen under adapters (resume: adapters only)
+        from azllm.lora import start_lora
+
+        start_lora(model, tc, init_weights, precision, fsdp=d.world > 1 and tc.strategy == "fsdp")
     if tc.qat:  # GGUF's fake quantization, on the plain modules before FSDP/compile wrap them
         apply_qat(model, tc.qat)
     fsdp = d.world > 1 and tc.strategy == "fsdp"
@@ -251,7 +259,7 @@ def train(
     optimizer = make_optimizer(model, tc, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     start, best_val = 0, float("inf")
-    if init_weights is not None and not resume:
+    if init_weights is not None and not resume and not tc.lora_rank:
         load_weights(model, init_weights)
     if resume:
         state = load_checkpoint(checkpoint_dirs(run_dir)[-1], model, optimizer, scaler)
@@ -279,6 +287,7 @@ def train(
         device=device,
         precision=amp_precision,
         scaler=scaler,
+        loss_fn=loss_fn,
     )
 
     log = MetricsLog(run_dir, resume_step=start) if d.master else None
@@ -305,19 +314,28 @@ def train(
     if d.master and not has_val:
         print(f"note: {data.label} has no validation data; validation loss is skipped")
 
-    def evaluate() -> float:
+    def evaluate() -> tuple[float, dict]:
         model.eval()
         total = torch.zeros((), device=device)
+        stats: dict = {}
         mine = slice(d.rank * tc.micro_batch, (d.rank + 1) * tc.micro_batch)
         with torch.no_grad():
             for i in range(tc.eval_batches):
                 b = data.batch("val", i, tc.micro_batch * d.world, mine).to(device)
                 with autocast(device, amp_precision):
-                    total += model(b.inputs, b.targets, segments=b.segments)[1].float()
-        if d.world > 1:
-            dist.all_reduce(total, op=dist.ReduceOp.AVG)
+                    if loss_fn is None:
+                        total += model(b.inputs, b.targets, segments=b.segments)[1].float()
+                    else:
+                        loss, got = loss_fn(model, b)
+                        total += loss.float()
+                        for k, v in got.items():
+                            stats[k] = stats.get(k, 0) + v.float()
+        for t in (total, *stats.values()) if d.world > 1 else ():
+            dist.all_reduce(t, op=dist.ReduceOp.AVG)
         model.train()
-        return total.item() / tc.eval_batches
+        return total.item() / tc.eval_batches, {
+            f"val_{k}": v.item() / tc.eval_batches for k, v in stats.items()
+        }
 
     if task_eval is not None:  # tasks are read (and bad files refused) before the first step
         task_eval.load()
@@ -367,6 +385,9 @@ def train(
                 }
                 if vendor_peak:  # ... and, on a listed GPU, against the datasheet peak
                     last["mfu_vs_datasheet_peak"] = flops_s / (vendor_peak * d.world)
+                moe = unwrap(model).moe_aux  # MoE: the last micro-batch's router losses
+                if moe is not None:
+                    last["moe_balance_loss"], last["moe_router_z"] = moe.tolist()
                 if log:
                     log.write(**last)
                 if not bar.disable:
@@ -380,18 +401,22 @@ def train(
 
             if has_val and (step % tc.eval_interval == 0 or final):
                 with clock.pause():
-                    val = evaluate()
-                    bpb = val / math.log(2) / bpt
-                    last.update(val_loss=val, val_bpb=bpb)
+                    val, val_stats = evaluate()
+                    val_log = {"val_loss": val, **val_stats}
+                    if loss_fn is None:  # a loss hook's loss is not a text loss: no bpb of it
+                        val_log["val_bpb"] = val / math.log(2) / bpt
+                    last.update(val_log)
                     if val < best_val:  # the same on every process (val is all-reduced)
                         best_val = val
                         save_weights(model, run_dir / "best.safetensors", write=d.master)
                     if d.master:
-                        log.write(step=step, val_loss=val, val_bpb=bpb)
+                        log.write(step=step, **val_log)
                         plot_loss(run_dir)
                         trained = f"train loss {last['loss']:.4f}, " if "loss" in last else ""
                         speed = f", {last['tok_per_s']:,.0f} tok/s" if "tok_per_s" in last else ""
-                        say(f"step {step}: {trained}val loss {val:.4f}, {bpb:.3f} bpb{speed}")
+                        bpb = f", {val_log['val_bpb']:.3f} bpb" if "val_bpb" in val_log else ""
+                        bpb += "".join(f", {k[4:]} {v:.3f}" for k, v in val_stats.items())
+                        say(f"step {step}: {trained}val loss {val:.4f}{bpb}{speed}")
 
             if task_eval is not None and task_eval.due(step, final) and not fsdp:
                 with clock.pause():  # the main process scores; FSDP shards would need all

@@ -16,6 +16,9 @@ Layout notes (the same as llama.cpp's convert_hf_to_gguf.py for HF checkpoints):
   merges, token types (our special tokens CONTROL), and the pre-tokenizer name for our split
   pattern, so llama.cpp splits text as we do. llama.cpp does not NFC-normalise; text typed in
   decomposed form (e + combining mark) tokenizes differently there than in azllm.
+  A SentencePiece-BPE tokenizer (`--kind sentencepiece-bpe`) is written as llama.cpp's "llama"
+  (SentencePiece) vocabulary instead: pieces, scores, token types (CONTROL, UNKNOWN, BYTE), no
+  space prefix. A SentencePiece unigram is refused: llama.cpp's unigram has no byte fallback.
 """
 
 from __future__ import annotations
@@ -35,9 +38,11 @@ from azllm.config import ModelConfig
 from azllm.errors import AzllmError
 from azllm.export import SAMPLING, check_out_file, load_for_export, state_tensors
 from azllm.export.hf import refuse_unexported
-from azllm.tokenizer import CHAT_TEMPLATE_JINJA, END, SPLIT_PATTERN, AzTokenizer
+from azllm.tokenizer import SPLIT_PATTERN, AzTokenizer
 
 TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m")
+# Qwen2's split (its tokenizer.json): Llama 3's with single digits; llama.cpp's "qwen2"
+QWEN2_PATTERN = SPLIT_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 LLAMA_CPP_TYPES = {"q4_k_m": 15, "q5_k_m": 17}  # LLAMA_FTYPE_MOSTLY_Q4_K_M / _Q5_K_M
 EXTRA_HINT = "pip install 'azllm[gguf]'"
 
@@ -85,7 +90,9 @@ def gguf_tensors(model, cfg: ModelConfig) -> list[tuple[str, np.ndarray]]:
         if cfg.arch == "llama":
             # GGUF "qwen3" (our QK-norm layout) rotates the halves of each head, as we do; only
             # GGUF "llama" needs the permutation
-            rope = (lambda w, _heads: w) if cfg.qk_norm else permute_rope
+            rope = (lambda w, _heads: w) if cfg.qk_norm or cfg.qkv_bias else permute_rope
+            for p in "qkv" if cfg.qkv_bias else ():  # GGUF "qwen2" also rotates the halves
+                out.append((g + f"attn_{p}.bias", t[b + f"attn.{p}_proj.bias"]))
             if cfg.qk_norm:
                 out += [
                     (g + "attn_q_norm.weight", t[b + "attn.q_norm.weight"]),
@@ -98,10 +105,8 @@ def gguf_tensors(model, cfg: ModelConfig) -> list[tuple[str, np.ndarray]]:
                 (g + "attn_v.weight", t[b + "attn.v_proj.weight"]),
                 (g + "attn_output.weight", t[b + "attn.o_proj.weight"]),
                 (g + "ffn_norm.weight", t[b + "mlp_norm.weight"]),
-                (g + "ffn_gate.weight", t[b + "mlp.gate_proj.weight"]),
-                (g + "ffn_up.weight", t[b + "mlp.up_proj.weight"]),
-                (g + "ffn_down.weight", t[b + "mlp.down_proj.weight"]),
             ]
+            out += _ffn_tensors(t, cfg, b, g)
         else:
             qkv = [b + f"attn.{p}_proj" for p in "qkv"]
             for s in ("weight", "bias"):
@@ -113,6 +118,13 @@ def gguf_tensors(model, cfg: ModelConfig) -> list[tuple[str, np.ndarray]]:
                     (g + f"ffn_up.{s}", t[b + f"mlp.fc.{s}"]),
                     (g + f"ffn_down.{s}", t[b + f"mlp.proj.{s}"]),
                 ]
+    if cfg.rope_scaling:  # llama3 RoPE: llama.cpp divides each frequency by its factor
+        import torch
+
+        from azllm.model import llama3_inv_freq
+
+        inv = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim)
+        out.append(("rope_freqs.weight", (inv / llama3_inv_freq(inv, cfg.rope_scaling)).numpy()))
     out.append(("output_norm.weight", t["norm.weight"]))
     if cfg.arch == "gpt2":
         out.append(("output_norm.bias", t["norm.bias"]))
@@ -121,11 +133,26 @@ def gguf_tensors(model, cfg: ModelConfig) -> list[tuple[str, np.ndarray]]:
     return out
 
 
+def _ffn_tensors(t: dict, cfg: ModelConfig, b: str, g: str) -> list[tuple[str, np.ndarray]]:
+    """A llama block's SwiGLU MLP, or its MoE as llama.cpp's Mixtral layout: the router
+    (ffn_gate_inp [E, d]) and each projection of all experts stacked ([E, out, in])."""
+    parts = (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj"))
+    if not cfg.n_experts:
+        return [(g + f"ffn_{p}.weight", t[b + f"mlp.{ours}.weight"]) for p, ours in parts]
+    out = [(g + "ffn_gate_inp.weight", t[b + "mlp.gate.weight"])]
+    for p, ours in parts:
+        experts = [t[b + f"mlp.experts.{e}.{ours}.weight"] for e in range(cfg.n_experts)]
+        out.append((g + f"ffn_{p}_exps.weight", np.stack(experts)))
+    return out
+
+
 def tensor_type(name: str, arr: np.ndarray, kind: str, tied: bool):
     """The GGML type one tensor is stored in, for kind f32|f16|q8_0|q4_0."""
     gguf = require_gguf()
     q = gguf.GGMLQuantizationType
     if arr.ndim <= 1 or name.endswith("_norm.weight") or name == "position_embd.weight":
+        return q.F32
+    if name.endswith("ffn_gate_inp.weight"):  # the MoE router: F32 (llama.cpp never quantizes it)
         return q.F32
     if kind == "f32":
         return q.F32
@@ -154,6 +181,8 @@ def pre_tokenizer_name(tok: AzTokenizer) -> str:
     pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre])
     patterns = [s.get("pattern", {}).get("Regex") for s in steps if s.get("type") == "Split"]
+    if patterns == [QWEN2_PATTERN] and not spec["model"].get("ignore_merges"):
+        return "qwen2"  # an imported Qwen2 tokenizer (hf_import.py)
     if patterns != [SPLIT_PATTERN]:
         raise AzllmError(
             f"{tok.path or 'tokenizer'}: its split pattern is not azllm's Llama-3 pattern, which "
@@ -180,6 +209,8 @@ def vocab_tables(tok: AzTokenizer) -> tuple[list[str], list[int], list[str]]:
 
 def gguf_arch(cfg: ModelConfig) -> str:
     """llama.cpp's architecture: QK-norm is its "qwen3" (Llama plus per-head q/k norms)."""
+    if cfg.arch == "llama" and cfg.qkv_bias and not cfg.qk_norm:
+        return "qwen2"  # Llama plus q/k/v biases (imported Qwen2 models)
     return "qwen3" if cfg.arch == "llama" and cfg.qk_norm else cfg.arch
 
 
@@ -190,7 +221,10 @@ def add_metadata(w, cfg: ModelConfig, tok: AzTokenizer, name: str, file_type: in
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_context_length(cfg.block_size)
     w.add_embedding_length(cfg.n_embd)
-    w.add_feed_forward_length(cfg.ffn_dim)
+    w.add_feed_forward_length(cfg.expert_ffn_dim if cfg.n_experts else cfg.ffn_dim)
+    if cfg.n_experts:  # Mixtral: softmax gating, top-k weights renormalised (llama's default)
+        w.add_expert_count(cfg.n_experts)
+        w.add_expert_used_count(cfg.experts_per_token)
     w.add_block_count(cfg.n_layer)
     w.add_head_count(cfg.n_head)
     w.add_head_count_kv(cfg.kv_heads)
@@ -203,20 +237,35 @@ def add_metadata(w, cfg: ModelConfig, tok: AzTokenizer, name: str, file_type: in
         w.add_value_length(cfg.head_dim)
     else:
         w.add_layer_norm_eps(cfg.norm_eps)
-    tokens, types, merges = vocab_tables(tok)
-    w.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
-    w.add_tokenizer_pre(pre_tokenizer_name(tok))
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
+    if tok.kind == "sentencepiece-bpe":  # llama.cpp's "llama" vocabulary: SentencePiece BPE
+        from azllm.tokenizer_spm import UNK, spm_vocab
+
+        tokens, scores, types = spm_vocab(tok.tok)
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)  # specials CONTROL, <unk> UNKNOWN, <0x..> BYTE
+        w.add_unk_token_id(tok.tok.token_to_id(UNK))
+        w.add_add_space_prefix(False)  # trained without SentencePiece's dummy-prefix space
+    else:
+        tokens, types, merges = vocab_tables(tok)
+        pad = cfg.vocab_size - len(tokens)  # imported Qwen2: embedding rows past the tokenizer
+        tokens += [f"[PAD{i}]" for i in range(pad)]
+        types += [int(gguf.TokenType.UNUSED)] * pad
+        w.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
+        w.add_tokenizer_pre(pre_tokenizer_name(tok))
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
     w.add_bos_token_id(tok.bos_id)
     w.add_eos_token_id(tok.eos_id)
-    w.add_eot_token_id(tok.tok.token_to_id(END))  # end of a chat turn: also stops generation
+    w.add_eot_token_id(tok.end_id)  # end of a chat turn: also stops generation
     w.add_pad_token_id(tok.pad_id)
     # Nothing is added to plain text (as in azllm); the chat template writes BOS itself.
     w.add_add_bos_token(False)
     w.add_add_eos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE_JINJA)
+    w.add_chat_template(tok.chat_template)  # an imported tokenizer's own (hf_import.py)
     w.add_sampling_temp(SAMPLING.temperature)
     w.add_sampling_top_k(SAMPLING.top_k)
 
@@ -236,6 +285,13 @@ def write_gguf(
         "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
     }
     refuse_unexported(cfg, "GGUF")
+    if tok.kind == "sentencepiece-unigram":
+        raise AzllmError(
+            f"GGUF export: {tok.path or 'the tokenizer'} is a SentencePiece unigram, which "
+            "llama.cpp cannot tokenize as we do (its unigram tokenizer has no byte fallback: "
+            "newlines and rare characters become <unk>); use `azllm export hf`, or train with "
+            "--kind sentencepiece-bpe"
+        )
     w = gguf.GGUFWriter(str(path), gguf_arch(cfg))
     add_metadata(w, cfg, tok, name, int(file_types[kind]))
     for tname, arr in gguf_tensors(model, cfg):
@@ -293,7 +349,7 @@ def fallback_note(path: Path) -> str | None:
     gguf = require_gguf()
     q = gguf.GGMLQuantizationType
     k_types = {q.Q2_K, q.Q3_K, q.Q4_K, q.Q5_K, q.Q6_K}
-    mats = [t for t in gguf.GGUFReader(path).tensors if len(t.shape) == 2]
+    mats = [t for t in gguf.GGUFReader(path).tensors if len(t.shape) >= 2]  # MoE: 3-D stacks
     other = [t for t in mats if t.tensor_type not in k_types]
     if not other:
         return None

@@ -16,6 +16,7 @@ transposed, because HF's GPT-2 uses Conv1D layers ([in, out] weights).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -27,8 +28,6 @@ from azllm.errors import AzllmError
 from azllm.export import SAMPLING, check_out_dir, load_for_export, state_tensors
 from azllm.tokenizer import (
     BOS,
-    CHAT_TEMPLATE_JINJA,
-    END,
     EOS,
     PAD,
     SPECIAL_TOKENS,
@@ -43,17 +42,37 @@ def refuse_unexported(cfg: ModelConfig, fmt: str) -> None:
             f"{fmt} export: model.logit_softcap has no equivalent in the {fmt} layouts we write "
             "(Gemma 2 caps logits but its block differs: sandwich norms, GeGLU); retrain with 0"
         )
+    if cfg.n_experts and cfg.qk_norm:
+        raise AzllmError(
+            f"{fmt} export: model.n_experts with model.qk_norm has no layout we write (Mixtral "
+            "has no q/k norms); retrain with one of the two"
+        )
 
 
 def hf_config(cfg: ModelConfig, tok: AzTokenizer) -> dict:
     ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    if cfg.arch == "llama" and cfg.n_experts:  # Mixtral: Llama with sparse MoE MLPs
+        return {
+            **hf_config(dataclasses.replace(cfg, n_experts=0), tok),
+            "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral",
+            "intermediate_size": cfg.expert_ffn_dim,
+            "num_local_experts": cfg.n_experts,
+            "num_experts_per_tok": cfg.experts_per_token,
+            "sliding_window": None,
+            "output_router_logits": False,
+            "router_aux_loss_coef": 0.0,  # a training setting; ours is in the run's config
+            "router_jitter_noise": 0.0,
+        }
     if cfg.arch == "llama":
         # QK-norm: Qwen3 is Llama plus per-head q_norm/k_norm before RoPE, nothing else
         qwen3 = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": 0}
+        # q/k/v biases: Qwen2 is Llama plus those (HF Llama's attention_bias also biases o_proj)
+        name = "Qwen3" if cfg.qk_norm else "Qwen2" if cfg.qkv_bias else "Llama"
         return {
-            "architectures": ["Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"],
-            "model_type": "qwen3" if cfg.qk_norm else "llama",
-            **(qwen3 if cfg.qk_norm else {}),
+            "architectures": [f"{name}ForCausalLM"],
+            "model_type": name.lower(),
+            **(qwen3 if cfg.qk_norm or cfg.qkv_bias else {}),
             "vocab_size": cfg.vocab_size,
             "hidden_size": cfg.n_embd,
             "intermediate_size": cfg.ffn_dim,
@@ -66,7 +85,9 @@ def hf_config(cfg: ModelConfig, tok: AzTokenizer) -> dict:
             "rms_norm_eps": cfg.norm_eps,
             # transformers < 5 reads rope_theta, >= 5 reads rope_parameters (and accepts both)
             "rope_theta": cfg.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}
+            | cfg.rope_scaling,  # Llama 3.1's "llama3" frequencies (imported models)
+            "rope_scaling": cfg.rope_scaling or None,
             "attention_bias": False,
             "attention_dropout": 0.0,
             "mlp_bias": False,
@@ -114,8 +135,17 @@ def hf_state_dict(model, cfg: ModelConfig) -> dict[str, torch.Tensor]:
                 out[h + f"self_attn.{p}.weight"] = ours[b + f"attn.{p}.weight"]
             for p in ("q_norm", "k_norm") if cfg.qk_norm else ():
                 out[h + f"self_attn.{p}.weight"] = ours[b + f"attn.{p}.weight"]
-            for p in ("gate_proj", "up_proj", "down_proj"):
+            for p in ("q_proj", "k_proj", "v_proj") if cfg.qkv_bias else ():
+                out[h + f"self_attn.{p}.bias"] = ours[b + f"attn.{p}.bias"]
+            for p in ("gate_proj", "up_proj", "down_proj") if not cfg.n_experts else ():
                 out[h + f"mlp.{p}.weight"] = ours[b + f"mlp.{p}.weight"]
+            if cfg.n_experts:  # Mixtral's checkpoint names: w1 gate, w3 up, w2 down
+                moe = h + "block_sparse_moe."
+                out[moe + "gate.weight"] = ours[b + "mlp.gate.weight"]
+                for e in range(cfg.n_experts):
+                    for p, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
+                        theirs, mine = f"experts.{e}.{w}.weight", f"mlp.experts.{e}.{p}.weight"
+                        out[moe + theirs] = ours[b + mine]
         out["model.norm.weight"] = ours["norm.weight"]
     else:
         out["transformer.wte.weight"] = ours["embed.weight"]
@@ -146,6 +176,9 @@ def tokenizer_files(tok: AzTokenizer, cfg: ModelConfig) -> dict[str, str]:
     """tokenizer_config.json and friends: our tokenizer.json as a PreTrainedTokenizerFast."""
     extra = [t for t in SPECIAL_TOKENS if t not in (BOS, EOS, PAD)]
     specials = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
+    if tok.chat is not None:  # an imported tokenizer: its own tokens (hf_import.py)
+        c, extra = tok.chat, []
+        specials = {"bos_token": c.bos, "eos_token": c.eos, "pad_token": c.pad}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **specials,
@@ -159,7 +192,7 @@ def tokenizer_files(tok: AzTokenizer, cfg: ModelConfig) -> dict[str, str]:
         "clean_up_tokenization_spaces": False,
         "model_max_length": cfg.block_size,
         "padding_side": "left",  # batched generation pads on the left, as azllm.generate does
-        "chat_template": CHAT_TEMPLATE_JINJA,
+        "chat_template": tok.chat_template,
     }
     return {
         "tokenizer.json": tok.to_json(),
@@ -167,7 +200,7 @@ def tokenizer_files(tok: AzTokenizer, cfg: ModelConfig) -> dict[str, str]:
         "special_tokens_map.json": json.dumps(
             {**specials, "additional_special_tokens": extra}, indent=2, ensure_ascii=False
         ),
-        "chat_template.jinja": CHAT_TEMPLATE_JINJA,
+        "chat_template.jinja": tok.chat_template,
     }
 
 
@@ -175,7 +208,7 @@ def generation_config(cfg: ModelConfig, tok: AzTokenizer) -> dict:
     return {
         "bos_token_id": tok.bos_id,
         # <|eos|> ends a document, <|end|> ends a chat turn: generation stops at either
-        "eos_token_id": [tok.eos_id, tok.tok.token_to_id(END)],
+        "eos_token_id": sorted({tok.eos_id, tok.end_id}),
         "pad_token_id": tok.pad_id,
         "do_sample": True,
         "temperature": SAMPLING.temperature,

@@ -8,7 +8,8 @@ The Modelfile's TEMPLATE is our chat template (tokenizer.render_chat with a trai
 the conversation into .Messages, so one range over .Messages covers every request. The GGUF is
 written with add_bos_token = false, so the template writes <|bos|> itself, as render_chat does.
 Generation stops at <|end|> (end of a turn) and at the other turn markers, in case a small model
-forgets to close its turn.
+forgets to close its turn. An imported run (hf_import.py) gets its own template's turns instead
+(imported_template) and stops at its end of turn and EOS.
 """
 
 from __future__ import annotations
@@ -28,12 +29,25 @@ TEMPLATE = (
 STOPS = (END, EOS, USER, SYSTEM)
 
 
-def modelfile(gguf_name: str, block_size: int) -> str:
+def imported_template(c) -> tuple[str, tuple[str, ...]]:
+    """(TEMPLATE, stops) for an imported tokenizer's ChatFormat (tokenizer.py): the same
+    start + prefix + content + suffix per role as AzTokenizer.render_chat."""
+    turns = "".join(
+        f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{r}" }}}}'
+        f"{c.prefix[r]}{{{{ .Content }}}}{c.suffix[r]}"
+        for i, r in enumerate(("system", "user", "assistant"))
+    )
+    body = f"{{{{ range .Messages }}}}{turns}{{{{ end }}}}{{{{ end }}}}"
+    return c.start + body + c.prefix["assistant"], tuple(dict.fromkeys((c.end, c.eos)))
+
+
+def modelfile(gguf_name: str, block_size: int, chat=None) -> str:
+    template, stops = imported_template(chat) if chat is not None else (TEMPLATE, STOPS)
     lines = [
         "# Made by `azllm export ollama`. Load it with: ollama create NAME -f Modelfile",
         f"FROM ./{gguf_name}",
-        f'TEMPLATE """{TEMPLATE}"""',
-        *(f'PARAMETER stop "{s}"' for s in STOPS),
+        f'TEMPLATE """{template}"""',
+        *(f'PARAMETER stop "{s}"' for s in stops),
         f"PARAMETER num_ctx {block_size}",
         f"PARAMETER temperature {SAMPLING.temperature}",
         f"PARAMETER top_k {SAMPLING.top_k}",
@@ -73,5 +87,6 @@ def export_ollama(
     gguf_name = f"{name.replace(':', '-')}-{kind}.gguf"
     with terminate_raises(), writing(out), atomic_dir(out, replace=True) as tmp:
         write_gguf_file(model, tok, cfg, tmp / gguf_name, kind, Path(run_dir).resolve().name)
-        (tmp / "Modelfile").write_text(modelfile(gguf_name, cfg.block_size), encoding="utf-8")
+        text = modelfile(gguf_name, cfg.block_size, tok.chat)  # tok.chat: an imported run's
+        (tmp / "Modelfile").write_text(text, encoding="utf-8")
     return out, f"ollama create {name} -f {out / 'Modelfile'}"

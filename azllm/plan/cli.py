@@ -10,15 +10,34 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from azllm.config import OPTIMIZERS, PRECISIONS, STRATEGIES, apply_overrides, load_config
+from azllm.config import (
+    OPTIMIZERS,
+    PRECISIONS,
+    STRATEGIES,
+    Config,
+    apply_overrides,
+    load_config,
+)
 from azllm.errors import AzllmError
 from azllm.memory import fmt_bytes
-from azllm.plan.planner import make_plan, parse_vram, plan_table
+from azllm.plan.planner import HEADROOM, make_plan, parse_vram, plan_table
 from azllm.plan.profiler import measure_peak
 
 
 def cmd_plan(args) -> int:
-    cfg = load_config(args.config)
+    from azllm.plan import lora_plan
+
+    if args.open_models:  # which open models fit this budget, fully or with (Q)LoRA
+        rank = args.lora_rank or 16
+        rows = lora_plan.fit_table(parse_vram(args.vram), headroom=HEADROOM, rank=rank)
+        print(lora_plan.fit_table_text(rows, args.vram, rank))
+        return 0
+    if not args.config:
+        raise AzllmError("--config: give a preset, a TOML file or an open model (--open-models)")
+    if args.config in lora_plan.OPEN_MODELS:
+        cfg = Config(model=dataclasses.replace(lora_plan.OPEN_MODELS[args.config]))
+    else:
+        cfg = load_config(args.config)
     overrides = {
         "model.block_size": args.context,
         "model.vocab_size": args.vocab_size,
@@ -30,6 +49,15 @@ def cmd_plan(args) -> int:
         precision=args.precision, device_type=args.device, world=args.world,
         strategy=args.strategy,
     )  # fmt: skip
+    if args.lora_rank or args.qlora:  # fine-tuning with adapters instead
+        text, fits = lora_plan.lora_plan_text(
+            cfg, parse_vram(args.vram), rank=args.lora_rank or 16, qlora=bool(args.qlora),
+            headroom=HEADROOM, device_type=args.device,
+        )  # fmt: skip
+        print(text)
+        if not fits:
+            raise AzllmError(f"{args.config} with adapters does not fit in {args.vram}")
+        return 0
     if args.json:
         print(json.dumps(dataclasses.asdict(plan), indent=2))
     else:
@@ -63,7 +91,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "plan", help="memory needed to train a config, and the settings that fit a budget"
     )
-    p.add_argument("--config", required=True, help="preset (tiny, baby, small, az-100m) or TOML")
+    p.add_argument("--config", help="preset (tiny ... az-1b), TOML, or an open model's name")
     p.add_argument("--vram", required=True, help="memory budget: 4GB, 3.5GiB, 4096MB")
     p.add_argument("--context", type=int, help="tokens per sequence (default: the config's)")
     p.add_argument("--vocab-size", type=int, help="the tokenizer's (default: the config's)")
@@ -74,6 +102,11 @@ def register(subparsers) -> None:
     p.add_argument("--strategy", default="ddp", choices=STRATEGIES)
     p.add_argument(
         "--optimizer", choices=OPTIMIZERS, help="muon keeps one state per block matrix, not two"
+    )
+    p.add_argument("--lora-rank", type=int, help="plan LoRA fine-tuning at this rank instead")
+    p.add_argument("--qlora", action="store_true", help="plan QLoRA (4-bit base, CUDA)")
+    p.add_argument(
+        "--open-models", action="store_true", help="which open models fit --vram, and how"
     )
     p.add_argument("--json", action="store_true", help="the plan as JSON")
     p.add_argument(

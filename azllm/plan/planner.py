@@ -188,7 +188,8 @@ def make_plan(
         estimated_peak_bytes=est["total"], breakdown=est, fits=fits, min_vram_bytes=min_vram,
         notes=notes, vram_bytes=vram_bytes, device_type=device_type, world=world, context=t,
         global_batch=target, phase=peak_phase(cfg, mb, **kw),
-        model=f"{cfg.model.arch}, {p.total / 1e6:.1f}M parameters, {cfg.model.n_layer} layers",
+        model=f"{cfg.model.arch}, {p.total / 1e6:.1f}M parameters, {cfg.model.n_layer} layers"
+        + (f", MoE {p.active / 1e6:.1f}M active per token" if cfg.model.n_experts else ""),
         optimizer=cfg.train.optimizer,
     )  # fmt: skip
 

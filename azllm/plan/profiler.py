@@ -25,6 +25,7 @@ def measure_peak(
     steps: int = 2,
     seed: int = 0,
     profile: bool = True,
+    lora: dict | None = None,
 ) -> dict[str, int]:
     """Run the training step (step.TrainStep) for real and return {"allocated": peak bytes, ...}.
 
@@ -53,6 +54,11 @@ def measure_peak(
     torch.manual_seed(seed)
     model = GPT(m, activation_checkpointing=activation_checkpointing, ce_chunk=chunked_ce)
     model = model.to(dev).train()
+    if lora:  # LoRA/QLoRA: apply_lora's arguments (rank, alpha, targets, base_dtype, qlora)
+        from azllm.lora import apply_lora
+
+        extra = {k: lora[k] for k in ("base_dtype", "qlora") if k in lora}
+        apply_lora(model, lora["rank"], lora["alpha"], lora["targets"], **extra)
     train_step = TrainStep(
         model,
         make_optimizer(model, cfg.train, dev),
