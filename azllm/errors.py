@@ -22,7 +22,7 @@ EXTRA_MODULES = {
         "mwparserfromhell",
     ),
     "serve": ("starlette", "uvicorn"),
-    "hf": ("transformers",),
+    "hf": ("transformers", "jinja2"),
     "gguf": ("gguf", "llama_cpp"),
     "datatrove": ("datatrove",),
     "tune": ("optuna",),
