@@ -28,8 +28,8 @@ quickstart: $(VENV)/.installed
 	$(BIN)/azllm quickstart
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check azllm tests bench
-	$(BIN)/ruff format --check azllm tests bench
+	$(BIN)/ruff check azllm tests bench notebooks
+	$(BIN)/ruff format --check azllm tests bench notebooks
 
 test: $(VENV)/.installed-test lint
 	$(BIN)/python -m pytest -q
