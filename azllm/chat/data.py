@@ -64,7 +64,8 @@ def to_messages(record: object, where: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def load_conversations(paths: list[str | Path]) -> list[list[dict]]:
+def jsonl_files(paths: list[str | Path]) -> list[Path]:
+    """The files named by --data: files as given, folders as their .jsonl files (sorted)."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -76,8 +77,12 @@ def load_conversations(paths: list[str | Path]) -> list[list[dict]]:
             files.append(p)
         else:
             raise AzllmError(f"--data {p}: no such file or folder")
+    return files
+
+
+def load_conversations(paths: list[str | Path]) -> list[list[dict]]:
     conversations = []
-    for f in files:
+    for f in jsonl_files(paths):
         try:
             lines = f.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from azllm.batch import Batch, in_val, step_generator
-from azllm.chat.data import to_messages
+from azllm.chat.data import jsonl_files, to_messages
 from azllm.documents import jsonl_records
 from azllm.errors import AzllmError
 from azllm.tokenizer import AzTokenizer
@@ -77,24 +77,9 @@ def to_pair(record: object, where: str) -> tuple[list[dict], list[dict], list[di
     return prompt, chosen, rejected
 
 
-def _files(paths: list) -> list[Path]:
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(p.rglob("*.jsonl"))
-            if not found:
-                raise AzllmError(f"{p}: folder has no .jsonl files")
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise AzllmError(f"--data {p}: no such file or folder")
-    return files
-
-
 def load_pairs(paths: list) -> list[tuple[list[dict], list[dict], list[dict]]]:
     pairs = []
-    for f in _files(paths):
+    for f in jsonl_files(paths):
         try:
             lines = f.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError:
