@@ -26,24 +26,13 @@ import time
 from pathlib import Path
 
 import torch
+from arch_options import prepare  # the same BPE + shards as the recipe options bench
 
 from azllm.checkpoint import load_run
 from azllm.config import config_from_dict
-from azllm.documents import iter_all_documents
 from azllm.moe import load_balance_loss
-from azllm.shards import TokenBatches, tokenize_to_shards
-from azllm.tokenizer import AzTokenizer, train_tokenizer
+from azllm.shards import TokenBatches
 from azllm.train import train
-
-
-def prepare(data: Path, work: Path, vocab: int) -> Path:
-    out = work / "shards"
-    if (out / "meta.json").exists():
-        return out
-    files = sorted(p for p in data.rglob("*") if p.is_file())
-    tok = AzTokenizer(train_tokenizer(iter_all_documents(files), vocab))
-    tokenize_to_shards(tok, files, out, val_fraction=0.05, progress=False, force=True)
-    return out
 
 
 def run_arm(shards: Path, work: Path, name: str, model: dict, tr: dict, args) -> dict:

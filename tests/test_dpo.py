@@ -4,14 +4,16 @@ log-probs, learning on held-out pairs, exact resume after a kill, one-line error
 import json
 import math
 import re
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from conftest import SAMPLE, assert_resumed_after, mark_logged_steps, run_cli
+from conftest import (
+    SAMPLE,
+    assert_resumed_after,
+    kill_after_checkpoint,
+    mark_logged_steps,
+    run_cli,
+)
 from test_cli_errors import fails
 
 from azllm.chat.dpo import (
@@ -24,7 +26,7 @@ from azllm.chat.dpo import (
     stored_reference,
 )
 from azllm.chat.pairdata import PairBatches, load_pairs, to_pair
-from azllm.checkpoint import checkpoint_dirs, load_run
+from azllm.checkpoint import load_run
 from azllm.errors import AzllmError
 from azllm.metrics import read_metrics
 
@@ -230,19 +232,7 @@ def test_exact_resume_after_a_real_kill(tiny_run, pairs_file, tmp_path):
     ref = tmp_path / "ref"
     run_cli("dpo", *args, "--out", ref)
     run = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "azllm.cli", "dpo", *map(str, args), "--out", str(run)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 300
-    while not (run / "checkpoints" / "step-30").exists():
-        assert proc.poll() is None, "training ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = int(checkpoint_dirs(run)[-1].name.split("-")[1])
+    killed_at = kill_after_checkpoint(["dpo", *args, "--out", run], run, 30)
     assert killed_at < 120
     mark_logged_steps(run, killed_at)
     stored = (run / REFERENCE_FILE).stat().st_mtime_ns

@@ -4,17 +4,12 @@ kill; a QAT run exports to its type by default; llama.cpp on that file gives our
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
-import time
-
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE, assert_resumed_after, mark_logged_steps, run_cli
+from conftest import SAMPLE, assert_resumed_after, kill_after_checkpoint, mark_logged_steps, run_cli
 
-from azllm.checkpoint import checkpoint_dirs, load_run
+from azllm.checkpoint import load_run
 from azllm.config import ModelConfig
 from azllm.errors import AzllmError
 from azllm.metrics import read_metrics
@@ -165,19 +160,7 @@ def test_qat_resumes_exactly_after_a_real_kill(tmp_path, qat_run, tiny_run, data
     run = tmp_path / "killed"
     args = ["--run", tiny_run, "--data", data_dir, "--type", "q4_0", "--steps", STEPS]
     args += [*QAT_ARGS, "--eval-interval", "20", "--out", run]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "azllm.cli", "qat", *map(str, args)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 300
-    while not (run / "checkpoints" / "step-10").exists():
-        assert proc.poll() is None, "training ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = int(checkpoint_dirs(run)[-1].name.split("-")[1])
+    killed_at = kill_after_checkpoint(["qat", *args], run, 10)
     assert killed_at < STEPS
     mark_logged_steps(run, killed_at)
     run_cli("qat", *args, "--resume")
