@@ -459,3 +459,26 @@ def test_export_refuses_moe_with_qk_norm():
 
     with pytest.raises(AzllmError, match="n_experts with model.qk_norm"):
         refuse_unexported(ModelConfig(n_experts=4, qk_norm=True), "GGUF")
+
+
+def test_ddp_and_fsdp_match_one_process(tmp_path, data_dir):
+    """Every expert runs on every step (empty ones on zero rows), so DDP and FSDP see every
+    parameter used and reduce the same gradients: two processes of 2 rows give the losses of
+    one process of 4 rows. (The router losses are taken per micro-batch, as Mixtral's are, so
+    they differ a little between the splits: 0.01 x a load statistic, well inside 1e-4 of the
+    loss here.)"""
+    from conftest import run_cli
+    from test_train import TINY, _losses, _torchrun
+
+    moe = ["--set", f"model.n_experts={E}", f"model.experts_per_token={K}"]
+    common = [*TINY, "--data", data_dir, "--max-steps", "6", "--eval-interval", "3",
+              "--ckpt-interval", "3", *moe]  # fmt: skip
+    one = tmp_path / "one"
+    run_cli("train", *common, "--out", one, "--micro-batch", "4", "--grad-accum", "2")
+    a = [x for _, x in _losses(one)]
+    assert len(a) == 6
+    for strategy in ("ddp", "fsdp"):
+        out = tmp_path / strategy
+        _torchrun(*common, "--out", out, "--micro-batch", "2", "--grad-accum", "2",
+                  "--strategy", strategy)  # fmt: skip
+        assert [x for _, x in _losses(out)] == pytest.approx(a, rel=1e-4), strategy
