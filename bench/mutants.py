@@ -175,6 +175,10 @@ MUTANTS = [
     M("qat-quantizes-moe-router", "azllm/quant.py",
       "        if name in routers:", "        if name in ():",
       ("tests/test_qat.py::test_export_equals_fake_quantized_weights",)),
+    M("tune-toml-drops-tables", "azllm/tune/settings.py",
+      "    if isinstance(v, dict):  # an inline table (model.rope_scaling)",
+      "    if False:",
+      ("tests/test_tune.py::test_every_config_field_survives_the_toml_writer",)),
     # ---- web chat page: the reply is drawn as it streams ----------------------------------------
     M("web-page-draws-reply-once", "azllm/chat/web.py",
       "reply;\n            $(\"log\").scrollTop = $(\"log\").scrollHeight;\n          }\n"

@@ -284,3 +284,20 @@ def test_missing_optuna_names_the_extra(tmp_path, data_dir, base_toml):
         "pip install 'azllm[tune]'"
     )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "az-1b"])
+def test_every_config_field_survives_the_toml_writer(preset, tmp_path):
+    """A trial's config.toml and best.toml are written by tune.settings: every field of every
+    table, a dict (model.rope_scaling of an imported Llama 3) included, reads back equal."""
+    from azllm.config import apply_overrides
+    from azllm.tune.settings import config_tables, toml_text
+
+    scaling = dict(
+        rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    )  # fmt: skip
+    cfg = apply_overrides(load_config(preset), {"model.rope_scaling": scaling})
+    path = tmp_path / "c.toml"
+    path.write_text(toml_text(config_tables(cfg)), encoding="utf-8")
+    assert load_config(str(path)).to_dict() == cfg.to_dict()

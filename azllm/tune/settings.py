@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from azllm.config import PRESETS, Config, ModelConfig, apply_overrides, config_from_dict
@@ -33,6 +34,10 @@ def toml_value(v: Any) -> str:
         return json.dumps(v, ensure_ascii=False)  # a JSON string is a TOML basic string
     if isinstance(v, list | tuple):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table (model.rope_scaling)
+        bare = re.compile(r"[A-Za-z0-9_-]+")
+        items = [(k if bare.fullmatch(k) else json.dumps(k), x) for k, x in v.items()]
+        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in items) + "}"
     raise TypeError(f"no TOML form for {v!r}")
 
 
