@@ -80,18 +80,24 @@ def jsonl_files(paths: list[str | Path]) -> list[Path]:
     return files
 
 
-def load_conversations(paths: list[str | Path]) -> list[list[dict]]:
-    conversations = []
+def read_records(paths: list[str | Path], parse, what: str) -> list:
+    """parse(record, "file:line") of every JSONL record in the --data files; `what` names them
+    in the error when there are none."""
+    out = []
     for f in jsonl_files(paths):
         try:
             lines = f.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError:
             raise AzllmError(f"{f}: not UTF-8 text; convert it to UTF-8") from None
         for n, record in jsonl_records(lines, f):
-            conversations.append(to_messages(record, f"{f}:{n}"))
-    if not conversations:
-        raise AzllmError(f"no conversations in {', '.join(map(str, paths))}")
-    return conversations
+            out.append(parse(record, f"{f}:{n}"))
+    if not out:
+        raise AzllmError(f"no {what} in {', '.join(map(str, paths))}")
+    return out
+
+
+def load_conversations(paths: list[str | Path]) -> list[list[dict]]:
+    return read_records(paths, to_messages, "conversations")
 
 
 def is_val(messages: list[dict], val_fraction: float) -> bool:

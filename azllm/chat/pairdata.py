@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 
 from azllm.batch import Batch, in_val, step_generator
-from azllm.chat.data import jsonl_files, to_messages
-from azllm.documents import jsonl_records
+from azllm.chat.data import read_records, to_messages
 from azllm.errors import AzllmError
 from azllm.tokenizer import AzTokenizer
 
@@ -78,17 +77,7 @@ def to_pair(record: object, where: str) -> tuple[list[dict], list[dict], list[di
 
 
 def load_pairs(paths: list) -> list[tuple[list[dict], list[dict], list[dict]]]:
-    pairs = []
-    for f in jsonl_files(paths):
-        try:
-            lines = f.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError:
-            raise AzllmError(f"{f}: not UTF-8 text; convert it to UTF-8") from None
-        for n, record in jsonl_records(lines, f):
-            pairs.append(to_pair(record, f"{f}:{n}"))
-    if not pairs:
-        raise AzllmError(f"no preference pairs in {', '.join(map(str, paths))}")
-    return pairs
+    return read_records(paths, to_pair, "preference pairs")
 
 
 # ---- the batch source -----------------------------------------------------------------------
