@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from azllm.config import OPTIMIZER_STATES, PRECISIONS, Config, ModelConfig
+from azllm.config import MUON_STACK_ELEMENTS, OPTIMIZER_STATES, PRECISIONS, Config, ModelConfig
 from azllm.errors import AzllmError
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -74,6 +74,7 @@ class _Params:
     block_matrices: int = 0  # 2D weights inside the blocks, all layers: Muon's parameters
     active: int = 0  # parameters one token uses (MoE: experts_per_token experts; else total)
     experts: int = 0  # MoE: the experts' weights, all layers
+    muon_stack: int = 0  # elements of Muon's largest stack of same-size matrices (optim.Muon)
 
 
 def tokens_ffn(m: ModelConfig) -> int:
@@ -101,9 +102,12 @@ def param_counts(m: ModelConfig) -> _Params:
     tensors = head + (linears + norms) * m.n_layer
     experts = m.n_layer * m.n_experts * expert
     idle = m.n_layer * (m.n_experts - m.experts_per_token) * expert if m.n_experts else 0
+    stacks = [  # same-size matrices of all layers, MUON_STACK_ELEMENTS at most (whole matrices)
+        min(max(1, MUON_STACK_ELEMENTS // n), matrices.count(n) * m.n_layer) * n for n in matrices
+    ]
     return _Params(
         sum(tensors), block, sum(linears), v * d, max(tensors), tensors,
-        sum(matrices) * m.n_layer, sum(tensors) - idle, experts,
+        sum(matrices) * m.n_layer, sum(tensors) - idle, experts, max(stacks),
     )  # fmt: skip
 
 
@@ -122,8 +126,10 @@ def optimizer_bytes(p: _Params, state: str, optimizer: str = "adamw") -> int:
     raise AzllmError(f"optimizer state {state!r}: use one of {OPTIMIZER_STATES}")
 
 
-def _optimizer_temp(p: _Params, state: str, device_type: str) -> int:
+def _optimizer_temp(p: _Params, state: str, device_type: str, optimizer: str = "adamw") -> int:
     """Temporaries of one optimizer step, per optimizer.py / torch.optim.AdamW."""
+    if optimizer == "muon":  # optim.Muon: its AdamW one tensor at a time, then each matrix stack
+        return max((12 if state == "bf16" else 8) * p.largest, 22 * p.muon_stack)
     if state == "bf16":  # AdamWBf16State: fp32 m, v and denom of one tensor at a time
         return 12 * p.largest
     if state == "8bit" or device_type == "cuda":  # bitsandbytes kernel; fused AdamW: in place
@@ -290,7 +296,7 @@ def _phases(
     ph["end of backward"] = dict(gradients=4 * p.total, workspace=4 * p.head_cast)
     ph["optimizer step"] = dict(
         gradients=4 * p.total,
-        workspace=_optimizer_temp(p, optimizer_state, device_type),
+        workspace=_optimizer_temp(p, optimizer_state, device_type, cfg.train.optimizer),
     )
     phases = {k: {**base, **v} for k, v in ph.items()}
     if strategy == "fsdp" and world > 1:

@@ -36,6 +36,8 @@ VOCAB_SIZE = 4096
 # Measured with this setting: validation loss still fell at every evaluation to step 480 (2M
 # tokens, 4.5 passes over the corpus; 7.22 at step 40, 5.63 = 2.33 bits per byte at 480), more
 # steps than 4 minutes on 2 cores give; on the 80 KB of ../sample alone it rose after step 60.
+# The rest is `baby`'s recipe (Muon + QK-norm since issue 13): 185 steps on one busy core reached
+# val loss 5.47 (2.25 bpb), still falling, below AdamW's 5.68 after 440 steps on a quiet machine.
 MODEL = {
     "model.n_layer": 4,
     "model.n_head": 4,

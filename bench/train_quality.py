@@ -138,7 +138,7 @@ def azllm_config(arm: str, args, seed: int, tokens: int, vocab: int):
         per_step = tc.micro_batch * tc.grad_accum * m.block_size
     else:
         m.arch = "gpt2" if arm == "gpt2" else "llama"
-        tc.optimizer = "adamw"
+        m.qk_norm, tc.optimizer = False, "adamw"  # the recipe before issue 13 (the presets' now)
         tc.micro_batch, tc.grad_accum = args.batch // args.grad_accum, args.grad_accum
         tc.lr, tc.warmup_steps, tc.min_lr_ratio = args.lr, args.warmup, 0.1
         tc.precision = args.precision

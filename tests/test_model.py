@@ -188,7 +188,7 @@ def test_derived_sizes_are_properties_and_saved_raw(tmp_path):
     assert (cfg.model.kv_heads, cfg.model.ffn_dim) == (6, 1024)
     wide = apply_overrides(cfg, {"model.n_embd": 768, "model.n_head": 12})
     assert (wide.model.kv_heads, wide.model.ffn_dim) == (12, 2048)  # derived again, no reset
-    gpt2 = apply_overrides(cfg, {"model.arch": "gpt2"})
+    gpt2 = apply_overrides(cfg, {"model.arch": "gpt2", "model.qk_norm": False})
     assert gpt2.model.ffn_dim == 4 * 384
     explicit = apply_overrides(cfg, {"model.ffn_hidden": 512, "model.n_kv_head": 2})
     assert (explicit.model.kv_heads, explicit.model.ffn_dim) == (2, 512)

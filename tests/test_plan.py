@@ -75,6 +75,41 @@ def test_estimate_is_within_tolerance_of_a_measured_step(preset, over, mb, kw):
     assert abs(est / got - 1) <= TOLERANCE, f"estimate {est / MiB:.1f} MiB, got {got / MiB:.1f}"
 
 
+@pytest.mark.parametrize("preset", ["baby", "az-100m"])
+def test_muon_step_temporaries_are_what_the_plan_counts(preset):
+    """Muon orthogonalises its matrices in bounded stacks: the step's own allocations (measured
+    by the same allocator trace as the plans' checks) match 22 bytes per stacked element, and
+    stay bounded for a 100M model (whose whole FFN stack would be 226 MB)."""
+    from azllm.memory import _optimizer_temp
+    from azllm.optim import Muon
+    from azllm.plan.profiler import _profiled
+
+    cfg = load_config(preset)
+    with torch.device("meta"):
+        shapes = [
+            tuple(q.shape) for n, q in GPT(cfg.model).named_parameters()
+            if n.startswith("blocks.") and q.dim() == 2
+        ]  # fmt: skip
+    # two layers' matrices already fill the largest stack (at most MUON_STACK_ELEMENTS)
+    ps = [
+        torch.nn.Parameter(torch.randn(s)) for s in shapes[: 2 * len(shapes) // cfg.model.n_layer]
+    ]
+    for q in ps:
+        q.grad = torch.randn_like(q)
+    opt = Muon([{"params": ps, "muon": True}], lr=0.02, betas=(0.9, 0.95), momentum=0.95,
+               state_dtype=torch.float32)  # fmt: skip
+    opt.step()  # the momentum buffers exist from here on, as in training
+    got, _ = _profiled(opt.step)
+    counts = param_counts(cfg.model)
+    # measured: 20.2-22.3 bytes per stacked element for tiny, baby and az-100m shapes
+    assert 22 * counts.muon_stack == pytest.approx(got, rel=0.1)
+    # the step's temporaries are the larger of the stacks' and AdamW's (the embedding's, unless
+    # the vocabulary is small)
+    small_vocab = param_counts(apply_overrides(cfg, {"model.vocab_size": 256}).model)
+    assert _optimizer_temp(small_vocab, "fp32", "cpu", "muon") == 22 * counts.muon_stack
+    assert got < 40 * MiB
+
+
 def test_checkpointing_lowers_both_the_estimate_and_the_measurement():
     cfg = _cfg("tiny", **LONG_TINY)
     kw = dict(precision="bf16", grad_accum=1)
@@ -101,7 +136,12 @@ def test_the_measurement_sees_the_logits():
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 @pytest.mark.parametrize(
-    "over", [{}, {"model.arch": "gpt2", "model.n_kv_head": 0}, {"model.tie_embeddings": False}]
+    "over",
+    [
+        {},
+        {"model.arch": "gpt2", "model.n_kv_head": 0, "model.qk_norm": False},
+        {"model.tie_embeddings": False},
+    ],
 )
 def test_parameter_count_is_the_models(preset, over):
     cfg = _cfg(preset, **over)
@@ -168,16 +208,22 @@ def test_every_preset_gets_a_plan_within_its_budget(preset):
 def test_az100m_at_1024_fp16_fits_a_4gb_card_under_3_8gb():
     """The plan against a hand count that shares nothing with memory.py: the parameters of the
     real module (built on the meta device), 16 bytes each for fp32 weights, gradients and
-    AdamW's two moments; with activation checkpointing, every block's fp32 input (the residual
+    AdamW's two moments, but 12 for the block matrices Muon trains (the preset's optimizer: one
+    momentum buffer); with activation checkpointing, every block's fp32 input (the residual
     stream stays fp32 under autocast) kept for the recompute; a CUDA context of at least
     300 MiB. The estimate must cover all of that and still stay under 3.8 GB."""
     cfg = _cfg("az-100m", **{"model.block_size": 1024})
     plan = make_plan(cfg, parse_vram("4GB"), precision="fp16", device_type="cuda")
     assert plan.fits and plan.estimated_peak_bytes <= 3.8e9
     m, part = cfg.model, plan.breakdown
+    assert cfg.train.optimizer == "muon"
     with torch.device("meta"):
-        n_params = GPT(m).num_params()  # a tied head counted once, as it is stored once
-    states = 16 * n_params
+        model = GPT(m)
+    n_params = model.num_params()  # a tied head counted once, as it is stored once
+    muon = sum(
+        q.numel() for n, q in model.named_parameters() if n.startswith("blocks.") and q.dim() == 2
+    )
+    states = 16 * n_params - 4 * muon
     assert part["weights"] + part["gradients"] + part["optimizer"] == states
     assert plan.activation_checkpointing
     block_inputs = m.n_layer * plan.micro_batch * m.block_size * m.n_embd * 4
