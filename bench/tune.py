@@ -1,12 +1,15 @@
 """`azllm tune` finds better settings than the preset's: a 12-trial study on `tiny` (bundled
 corpus, short trials), then the preset's defaults and the best settings trained again, fresh,
-with the same time budget, interleaved (default, best, default, best, ...) so both see the same
+with the same budget, interleaved (default, best, default, best, ...) so both see the same
 load on a shared machine. Prints both validation bpb figures and their ratio (issue 13 target:
 best < default).
 
-    python bench/tune.py [--trials 12] [--minutes 0.2] [--repeats 2] [--threads 1] [--json out.json]
+    python bench/tune.py [--trials 12] [--minutes 0.2 | --steps 300] [--repeats 2] [--threads 1]
+                         [--json out.json]
 
-About (trials + 2 x repeats) x (minutes + ~5 s start-up); pruned trials end early.
+--steps budgets the trials (`azllm tune --steps-per-trial`) and the fresh runs in optimizer
+steps: figures a busy machine does not move (it only takes longer). About (trials + 2 x repeats)
+x (budget + ~5 s start-up); pruned trials end early.
 Every run is a real `azllm tune` / `azllm train` process; nothing here is faked or cached.
 """
 
@@ -37,16 +40,23 @@ def azllm(*args, env) -> str:
     return proc.stdout
 
 
-def final_bpb(run: Path) -> tuple[float, int]:
+def final_bpb(run: Path) -> tuple[float, int, int]:
+    """Final validation bpb, steps, and tokens trained (at equal steps a larger batch sees more:
+    printed so that a win bought with tokens is visible)."""
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     val = [r for r in recs if "val_bpb" in r]
-    return val[-1]["val_bpb"], recs[-1]["step"]
+    tokens = max((r["tokens"] for r in recs if "tokens" in r), default=0)
+    return val[-1]["val_bpb"], recs[-1]["step"], tokens
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--minutes", type=float, default=0.2, help="training time per run")
+    ap.add_argument(
+        "--steps", type=int, default=0,
+        help="trials and fresh runs train this many steps (no clock) instead of --minutes",
+    )  # fmt: skip
     ap.add_argument("--repeats", type=int, default=2, help="fresh runs of each setting")
     ap.add_argument(
         "--fresh-steps", type=int, default=0,
@@ -62,6 +72,8 @@ def main() -> None:
     ap.add_argument("--work", help="keep the study here (default: a temporary folder)")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.steps:
+        args.fresh_steps = args.fresh_steps or args.steps
 
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if args.threads:
@@ -82,10 +94,13 @@ def main() -> None:
         encoding="utf-8",
     )
     study = work / "study"
+    trial_budget = (["--steps-per-trial", args.steps] if args.steps
+                    else ["--minutes-per-trial", args.minutes])  # fmt: skip
+    trials_of = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
     t0 = time.perf_counter()
     report = azllm("tune", "--config", base, "--data", data, "--out", study,
-                   "--trials", args.trials, "--minutes-per-trial", args.minutes,
-                   "--seed", args.seed, env=env)  # fmt: skip
+                   "--trials", args.trials, *trial_budget, "--seed", args.seed,
+                   env=env)  # fmt: skip
     study_s = time.perf_counter() - t0
     print(report)
 
@@ -99,19 +114,21 @@ def main() -> None:
         for name, config in (("default", base), ("best", study / "best.toml")):
             run = work / f"{name}-{r}"
             shutil.rmtree(run, ignore_errors=True)  # a run of an earlier invocation
+            t1 = time.perf_counter()
             azllm("train", "--config", config, "--data", data, "--out", run,
                   "--set", *budget, f"train.seed={1337 + r}", env=env)  # fmt: skip
-            figures[name].append(final_bpb(run))
-            print(f"{name} run {r}: {figures[name][-1][0]:.4f} bpb after "
-                  f"{figures[name][-1][1]} steps", flush=True)  # fmt: skip
-    mean = {k: statistics.mean(b for b, _ in v) for k, v in figures.items()}
+            figures[name].append((*final_bpb(run), round(time.perf_counter() - t1, 1)))
+            bpb, steps, tokens, secs = figures[name][-1]
+            print(f"{name} run {r}: {bpb:.4f} bpb after {steps} steps, {tokens} tokens "
+                  f"(logged), {secs:.0f} s", flush=True)  # fmt: skip
+    mean = {k: statistics.mean(f[0] for f in v) for k, v in figures.items()}
     print(
-        f"\n{args.trials} trials of {args.minutes:g} min in {study_s:.0f} s; fresh runs of "
+        f"\n{args.trials} trials of {trials_of} in {study_s:.0f} s; fresh runs of "
         f"{fresh}, {args.repeats} seeds each:\n"
         f"  default (tiny preset): {mean['default']:.4f} bpb  "
-        f"({', '.join(f'{b:.4f}' for b, _ in figures['default'])})\n"
+        f"({', '.join(f'{f[0]:.4f}' for f in figures['default'])})\n"
         f"  best (best.toml):      {mean['best']:.4f} bpb  "
-        f"({', '.join(f'{b:.4f}' for b, _ in figures['best'])})\n"
+        f"({', '.join(f'{f[0]:.4f}' for f in figures['best'])})\n"
         f"  best / default = {mean['best'] / mean['default']:.3f}"
     )
     if args.json:

@@ -124,6 +124,7 @@ def test_killed_study_resumes_without_losing_finished_trials(tmp_path, data_dir,
     assert trials[0].params == {  # the config's own settings are trial 0
         "train.lr": 3e-3, "train.warmup_steps": 2, "train.weight_decay": 0.1, "train.beta2": 0.95,
         "train.micro_batch": 4, "train.grad_accum": 1, "model.dropout": 0.0,
+        "train.optimizer": "adamw",  # tiny's; no train.muon_lr, which only acts under muon
     }  # fmt: skip
 
 
@@ -248,6 +249,7 @@ def data_without_val(tmp_path_factory, tok):
         (None, None, ["--trials", "0"], "--trials 0: give at least 1"),
         (None, None, ["--minutes-per-trial", "0"], "--minutes-per-trial 0.0: give a positive"),
         (None, None, ["--storage", "nosuch://db"], "--storage nosuch://db: cannot open the study"),
+        (None, None, ["--steps-per-trial", "5"], "give exactly one trial budget"),
     ],
 )
 def test_bad_inputs_are_one_line_errors(
@@ -301,3 +303,120 @@ def test_every_config_field_survives_the_toml_writer(preset, tmp_path):
     path = tmp_path / "c.toml"
     path.write_text(toml_text(config_tables(cfg)), encoding="utf-8")
     assert load_config(str(path)).to_dict() == cfg.to_dict()
+
+
+STEPS = 12  # evaluations at steps 5 and 10 (reported to the pruner) and 12 (the result)
+
+
+def steps_args(base_toml, data_dir, out, trials, steps=STEPS) -> list[str]:
+    return [
+        "tune", "--config", str(base_toml), "--data", str(data_dir), "--out", str(out),
+        "--trials", str(trials), "--steps-per-trial", str(steps),
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def steps_study(tmp_path_factory, data_dir, base_toml):
+    """A study of 3 trials budgeted in steps, on the default space (optimizer choice included)."""
+    out = tmp_path_factory.mktemp("tune_steps") / "study"
+    proc = run_cli(*steps_args(base_toml, data_dir, out, 3), cwd=REPO, timeout=400)
+    return out, proc.stdout
+
+
+def test_a_steps_budgeted_trial_trains_exactly_n_steps(steps_study):
+    out, stdout = steps_study
+    study = load_study(out)
+    assert study.user_attrs["azllm"]["steps_per_trial"] == STEPS
+    assert study.user_attrs["azllm"]["minutes_per_trial"] is None
+    done = finished(study)
+    assert len(done) == 3
+    for t in done:
+        run = Path(t.user_attrs["dir"]) / "run"
+        cfg = json.loads((run / "config.json").read_text())["train"]
+        assert (cfg["max_steps"], cfg["max_minutes"]) == (STEPS, 0.0)  # no clock: N steps
+        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert max(r["step"] for r in recs if "step" in r) == STEPS
+        assert t.user_attrs["steps"] == STEPS
+        # the pruner's resource is the evaluation's step (not milliseconds), before the end
+        assert set(t.intermediate_values) == {5, 10}
+        # the batch is the config's (tiny: 4 x 1): no trial wins by more tokens per step
+        assert (cfg["micro_batch"], cfg["grad_accum"]) == (4, 1)
+        assert not {"train.micro_batch", "train.grad_accum"} & set(t.params)
+        # the drawn optimizer is the one that trained; Muon's lr is drawn only for Muon
+        assert cfg["optimizer"] == t.params["train.optimizer"]
+        assert ("train.muon_lr" in t.params) == (cfg["optimizer"] == "muon")
+    text = (out / "best.toml").read_text(encoding="utf-8")
+    assert f"after {STEPS} steps of training (every trial)" in text and text in stdout
+    assert f"{STEPS} steps per trial" in stdout
+    cfg = load_config(str(out / "best.toml")).to_dict()
+    assert cfg["train"]["max_steps"] == 20  # tiny's own run length, not the trials' budget
+
+
+def test_a_steps_study_resumes_and_refuses_another_budget(
+    steps_study, base_toml, data_dir, tmp_path, capsys
+):
+    out, _ = steps_study
+    # resumed copy (the module's study stays as it was for the other test)
+    import shutil
+
+    copy = tmp_path / "study"
+    shutil.copytree(out, copy)
+    before = {t.number: (t.state, t.value, t.params) for t in finished(load_study(copy))}
+    for extra, was in (
+        (["--minutes-per-trial", str(MINUTES)], f"--minutes-per-trial {MINUTES:g}"),
+        (["--steps-per-trial", str(STEPS + 1)], f"--steps-per-trial {STEPS + 1}"),
+    ):
+        args = steps_args(base_toml, data_dir, copy, 4)[:-2] + extra
+        assert main(args) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(err) == 1 and f"was started with --steps-per-trial {STEPS}, not {was}" in err[0]
+    assert len(load_study(copy).trials) == len(before)  # refused before drawing anything
+    main(steps_args(base_toml, data_dir, copy, 4))  # the same budget: one more trial
+    study = load_study(copy)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    for number, (state, value, params) in before.items():
+        assert (trials[number].state, trials[number].value, trials[number].params) == (
+            state,
+            value,
+            params,
+        )
+    assert len(finished(study)) == 4
+    new = [t for t in finished(study) if t.number not in before]
+    assert (
+        json.loads((Path(new[0].user_attrs["dir"]) / "run" / "config.json").read_text())["train"][
+            "max_steps"
+        ]
+        == STEPS
+    )
+
+
+def test_default_space_chooses_the_optimizer_on_llama():
+    from optuna.trial import FixedTrial
+
+    from azllm.config import apply_overrides, derived_lr
+    from azllm.tune.space import baseline_params, default_space, draw
+
+    tiny = load_config("tiny")  # llama, AdamW
+    space = default_space(tiny)
+    assert space["train.optimizer"].choices == ("adamw", "muon")
+    mlr = space["train.muon_lr"]
+    assert mlr.log and mlr.low < tiny.train.muon_lr < mlr.high
+    # Muon's lr is drawn only for a Muon trial, whatever order the space lists the keys in
+    fixed = {"train.optimizer": "adamw", "train.muon_lr": 0.03}
+    reordered = {k: space[k] for k in ["train.muon_lr", "train.optimizer"]}
+    assert draw(reordered, FixedTrial(fixed)) == {"train.optimizer": "adamw"}
+    fixed["train.optimizer"] = "muon"
+    assert draw(reordered, FixedTrial(fixed)) == fixed
+    # the study's trial 0 is the config's own point: tiny's AdamW alone, baby's Muon with its lr
+    assert baseline_params(tiny, space)["train.optimizer"] == "adamw"
+    assert "train.muon_lr" not in baseline_params(tiny, space)
+    baby = load_config("baby")
+    base = baseline_params(baby, default_space(baby))
+    assert (base["train.optimizer"], base["train.muon_lr"]) == ("muon", baby.train.muon_lr)
+    assert base["train.lr"] == derived_lr(baby.model)  # baby's lr = 0: derived, the same lr
+    # not on gpt2 blocks (Muon is measured on llama only); an explicit Muon keeps its lr tuned
+    gpt2 = apply_overrides(tiny, {"model.arch": "gpt2"})
+    assert not {"train.optimizer", "train.muon_lr"} & set(default_space(gpt2))
+    gpt2_muon = apply_overrides(gpt2, {"train.optimizer": "muon"})
+    assert "train.muon_lr" in default_space(gpt2_muon)
+    assert "train.optimizer" not in default_space(gpt2_muon)

@@ -1,6 +1,7 @@
 """`azllm tune`: hyper-parameter search over real `azllm train` runs, and its report.
 
 azllm tune --config baby --data data/ --out tune/ --trials 30 --minutes-per-trial 10
+azllm tune --config baby --data data/ --out tune/ --trials 30 --steps-per-trial 500
 azllm tune --out tune/ --report                      # best.toml and trials.png again
 """
 
@@ -51,23 +52,34 @@ def cmd_tune(args) -> int:
             raise AzllmError(f"--study {args.study}: no such study in {storage}") from None
         print(write_report(study, out, storage))
         return 0
-    required = {"--config": args.config, "--data": args.data, "--trials": args.trials,
-                "--minutes-per-trial": args.minutes}  # fmt: skip
+    required = {"--config": args.config, "--data": args.data, "--trials": args.trials}
     for flag, value in required.items():
         if value is None:
             raise AzllmError(f"azllm tune: {flag} is required (or --report to see a study)")
+    if (args.minutes is None) == (args.steps is None):
+        raise AzllmError(
+            "azllm tune: give exactly one trial budget, --minutes-per-trial M or "
+            "--steps-per-trial N (steps: results that do not depend on the machine's load)"
+        )
     if args.trials < 1:
         raise AzllmError(f"--trials {args.trials}: give at least 1")
-    if not args.minutes > 0:
+    if args.minutes is not None and not args.minutes > 0:
         raise AzllmError(f"--minutes-per-trial {args.minutes}: give a positive number")
+    if args.steps is not None and args.steps < 1:
+        raise AzllmError(f"--steps-per-trial {args.steps}: give at least 1")
     from azllm.tune.space import default_space, load_space
 
     base = load_config(args.config)
     data = _check_data(args.data, base)
-    space = load_space(Path(args.space), base) if args.space else default_space(base)
+    space = (  # a steps budget keeps the batch: else more tokens per step win the study
+        load_space(Path(args.space), base)
+        if args.space
+        else default_space(base, fixed_batch=args.steps is not None)
+    )
     job = TuneJob(
         base=base, preset=_preset_of(args.config), data=data, out=out, trials=args.trials,
         minutes=args.minutes, space=space, storage=storage, study_name=args.study, seed=args.seed,
+        steps=args.steps,
     )  # fmt: skip
     study = run_worker(job)
     print(write_report(study, out, storage))
@@ -85,6 +97,10 @@ def register(subparsers) -> None:
     p.add_argument(
         "--minutes-per-trial", dest="minutes", type=float, help="training time of each trial"
     )
+    p.add_argument(
+        "--steps-per-trial", dest="steps", type=int,
+        help="or: optimizer steps of each trial (results independent of the machine's load)",
+    )  # fmt: skip
     p.add_argument("--space", help="SPACE.toml: the keys to tune and their ranges")
     p.add_argument(
         "--storage", help="Optuna storage URL (default sqlite:///OUT/study.db; postgresql://...)"

@@ -31,12 +31,16 @@ def best_toml(study, where: str) -> str:
         raise AzllmError(f"{where}: study {study.study_name!r} was not made by azllm tune")
     best = best_trial(study, where)
     tables = best_tables(meta["config"], meta["preset"], best.params)
-    minutes = meta["minutes_per_trial"]
+    minutes, steps = meta["minutes_per_trial"], meta.get("steps_per_trial")
+    trained = (
+        f"{steps} steps of training (every trial)"
+        if steps
+        else f"{minutes:g} min of training ({best.user_attrs.get('steps', '?')} steps)"
+    )
     comments = [
         f"azllm tune: best of {len(visible_trials(study))} trials of study "
         f"{study.study_name!r}: trial {best.number}, {best.value:.4f} validation bits per byte",
-        f"after {minutes:g} min of training ({best.user_attrs.get('steps', '?')} steps); "
-        "train it longer with --max-steps or --set train.max_minutes=...",
+        f"after {trained}; train it longer with --max-steps or --set train.max_minutes=...",
         "azllm train --config best.toml --data DATA --out RUN",
     ]
     top = {"preset": meta["preset"]} if meta["preset"] else {}

@@ -10,8 +10,9 @@ from typing import Any
 
 from azllm.config import PRESETS, Config, ModelConfig, apply_overrides, config_from_dict
 
-# A trial stops on its clock (train.max_minutes) alone: steps are unbounded, and checkpoints
-# only at the end (a checkpoint mid-trial would spend the trial's time on disk writes).
+# A trial stops on its clock (train.max_minutes) or at its step budget (train.max_steps, the
+# cosine schedule then spanning exactly those steps). Under a clock steps are unbounded; either
+# way checkpoints only at the end (a checkpoint mid-trial would spend the trial's time on disk).
 UNBOUNDED_STEPS = 10**9
 # best.toml is built on the user's config, not on a trial's: the trials' time budget and step
 # bound stay out of it (the user's own max_steps, if any, stay in). The vocabulary comes from
@@ -51,19 +52,24 @@ def toml_text(tables: dict[str, dict[str, Any]], top: dict[str, Any] | None = No
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
-def trial_config(base: Config, params: dict[str, Any], minutes: float) -> Config:
-    """The base config with a trial's draws and the time budget."""
+def budget_overrides(minutes: float | None, steps: int | None) -> dict[str, Any]:
+    """A trial's length: a time budget (minutes), or exactly `steps` optimizer steps and no
+    clock, so that its result does not depend on how busy the machine is."""
+    if steps:
+        return {"train.max_minutes": 0.0, "train.max_steps": int(steps),
+                "train.ckpt_interval": UNBOUNDED_STEPS}  # fmt: skip
+    return {"train.max_minutes": float(minutes), "train.max_steps": UNBOUNDED_STEPS,
+            "train.ckpt_interval": UNBOUNDED_STEPS}  # fmt: skip
+
+
+def trial_config(
+    base: Config, params: dict[str, Any], minutes: float | None, steps: int | None = None
+) -> Config:
+    """The base config with a trial's draws and its budget (minutes or steps)."""
     from azllm.tune.space import batch_overrides
 
     return apply_overrides(
-        base,
-        {
-            **params,
-            **batch_overrides(params),
-            "train.max_minutes": float(minutes),
-            "train.max_steps": UNBOUNDED_STEPS,
-            "train.ckpt_interval": UNBOUNDED_STEPS,
-        },
+        base, {**params, **batch_overrides(params), **budget_overrides(minutes, steps)}
     )
 
 

@@ -20,12 +20,22 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from azllm.config import Config, ModelConfig, TrainConfig, apply_overrides, derived_lr
+from azllm.config import (
+    OPTIMIZERS,
+    Config,
+    ModelConfig,
+    TrainConfig,
+    apply_overrides,
+    derived_lr,
+)
 from azllm.errors import AzllmError
 
 SECTIONS = {"model": ModelConfig, "train": TrainConfig}
 # Set by azllm tune itself (the time budget, the data) or by a run's own resolution: not tunable.
 NOT_TUNABLE = ("model.vocab_size", "train.max_minutes", "train.max_steps", "train.device")
+# A key that only matters under one value of another: drawn only when that value is (so TPE
+# models it only on the trials where it acted, and best.toml never carries an idle setting).
+CONDITIONS = {"train.muon_lr": ("train.optimizer", "muon")}
 
 
 @dataclass(frozen=True)
@@ -163,10 +173,15 @@ def load_space(path: Path, cfg: Config) -> dict[str, Param]:
     return space
 
 
-def default_space(cfg: Config) -> dict[str, Param]:
+def default_space(cfg: Config, fixed_batch: bool = False) -> dict[str, Param]:
     """Ranges around the config's own values, so every preset (and a user's TOML) gets a space
     scaled to it: learning rates 8x either way (log), warmup up to 4x, the batch halved to 4x
-    by accumulation (micro-batches no larger than the config's, which is known to fit memory)."""
+    by accumulation (micro-batches no larger than the config's, which is known to fit memory).
+
+    fixed_batch (trials budgeted in steps): the batch stays the config's. At equal steps a
+    larger batch is more tokens, and wins for that alone: measured on `tiny` (bench/tune.py,
+    250 steps), a study with the batch in it chose 4x accumulation, 0.88x the preset's bpb at
+    equal steps but 1.08x at equal tokens."""
     tc = cfg.train
     lr = tc.lr or derived_lr(cfg.model)  # train.lr = 0: derived from the width (config.py)
     mb, ga = tc.micro_batch, tc.grad_accum
@@ -182,11 +197,39 @@ def default_space(cfg: Config) -> dict[str, Param]:
         "train.grad_accum": Param("train.grad_accum", "choice", choices=accums),
         "model.dropout": Param("model.dropout", "float", 0.0, 0.1),
     }
-    # Muon's own learning rate, where this version has Muon and the config uses it.
-    muon_lr = getattr(tc, "muon_lr", None)
-    if isinstance(muon_lr, float) and muon_lr > 0 and getattr(tc, "optimizer", "muon") == "muon":
-        space["train.muon_lr"] = Param("train.muon_lr", "float", muon_lr / 8, muon_lr * 8, log=True)
+    if fixed_batch:
+        del space["train.micro_batch"], space["train.grad_accum"]
+    # The optimizer itself on llama blocks (Muon's home, measured in bench/arch_options.py):
+    # whether Muon pays on the user's card and data is the study's to find. Muon's lr 4x either
+    # way around the config's (0.02 by default; only drawn for Muon trials, see CONDITIONS).
+    if cfg.model.arch == "llama" and tc.optimizer_state != "8bit":  # 8-bit states: AdamW only
+        space["train.optimizer"] = Param("train.optimizer", "choice", choices=OPTIMIZERS)
+    if cfg.model.arch == "llama" or tc.optimizer == "muon":
+        mlr = tc.muon_lr
+        space["train.muon_lr"] = Param("train.muon_lr", "float", mlr / 4, mlr * 4, log=True)
     return space
+
+
+def active(key: str, params: dict[str, Any]) -> bool:
+    """Whether a key is drawn, given the draws before it (CONDITIONS; a key whose condition's
+    key is not in the space at all is always drawn)."""
+    cond = CONDITIONS.get(key)
+    return cond is None or cond[0] not in params or params[cond[0]] == cond[1]
+
+
+def ordered(space: dict[str, Param]) -> list[str]:
+    """The space's keys, each condition's key before the keys it governs."""
+    governing = {c[0] for c in CONDITIONS.values()}
+    return sorted(space, key=lambda k: (k not in governing, list(space).index(k)))
+
+
+def draw(space: dict[str, Param], trial) -> dict[str, Any]:
+    """One trial's settings from an optuna trial: every active key of the space."""
+    params: dict[str, Any] = {}
+    for key in ordered(space):
+        if active(key, params):
+            params[key] = space[key].suggest(trial)
+    return params
 
 
 def space_to_dict(space: dict[str, Param]) -> dict[str, dict]:
@@ -197,11 +240,15 @@ def baseline_params(cfg: Config, space: dict[str, Param]) -> dict[str, Any]:
     """The config's own values of the space's keys, when the config is a point of the space
     (else {}): the study's first trial, so the search starts from the defaults."""
     d = cfg.to_dict()
-    out = {}
-    for key, p in space.items():
+    out: dict[str, Any] = {}
+    for key in ordered(space):
+        if not active(key, out):
+            continue
         section, _, name = key.partition(".")
         out[key] = d[section][name]
-        if not p.contains(out[key]):
+        if key == "train.lr" and not out[key]:  # 0: derived from the width; the same lr, named
+            out[key] = derived_lr(cfg.model)
+        if not space[key].contains(out[key]):
             return {}
     return out
 

@@ -8,9 +8,11 @@ hand. The price, the start-up of each trial (3 s on a quiet CPU, 10-30 s on one 
 other jobs), is small beside minutes of training.
 
 A trial reports its validation bits per byte to Optuna each time the run's metrics.jsonl gains
-an evaluation; the resource successive halving counts is the trial's training time (milliseconds
-since its first logged step: process start-up, seconds on a busy machine, is left out), since
-every trial gets the same time budget (train.max_minutes).
+an evaluation. Every trial gets the same budget: minutes of training (train.max_minutes; the
+resource successive halving counts is then milliseconds since the trial's first logged step, so
+process start-up, seconds on a busy machine, is left out), or a number of optimizer steps
+(train.max_steps; the resource is the evaluation's step). A steps budget makes a trial's result
+independent of the machine's load: on a shared CPU the same 12 s gave one config 92 to 176 steps.
 
 Several workers (processes, GPUs, machines) share one study through its storage. Each keeps
 drawing until the study holds N finished trials (complete, pruned, or crashed) — not N per
@@ -39,7 +41,7 @@ from azllm.atomic import atomic_write_text
 from azllm.config import Config
 from azllm.errors import AzllmError
 from azllm.tune.settings import config_tables, toml_text, trial_config
-from azllm.tune.space import Param, baseline_params, space_to_dict
+from azllm.tune.space import Param, baseline_params, draw, space_to_dict
 
 HOST = socket.gethostname()
 POLL_S = 0.25  # how often a running trial's metrics.jsonl is read
@@ -55,11 +57,12 @@ class TuneJob:
     data: Path
     out: Path
     trials: int
-    minutes: float
+    minutes: float | None  # the trial budget: minutes of training, or
     space: dict[str, Param]
     storage: str
     study_name: str = "azllm"
     seed: int = 0
+    steps: int | None = None  # ... exactly this many optimizer steps (then minutes is None)
     crashes: list[str] = field(default_factory=list)  # this worker's failures in a row
 
     def meta(self) -> dict[str, Any]:
@@ -69,7 +72,16 @@ class TuneJob:
             "preset": self.preset,
             "space": space_to_dict(self.space),
             "minutes_per_trial": self.minutes,
+            "steps_per_trial": self.steps,
         }
+
+    def budget(self) -> str:
+        return budget_text(self.minutes, self.steps)
+
+
+def budget_text(minutes: float | None, steps: int | None) -> str:
+    """A study's trial budget as the flag that set it."""
+    return f"--steps-per-trial {steps}" if steps else f"--minutes-per-trial {minutes:g}"
 
 
 class Surplus(Exception):
@@ -135,8 +147,9 @@ def make_sampler(seed: int, n_trials: int):
     )
 
 
-def make_pruner(minutes: float, n_trials: int):
-    """Successive halving on training time: at 1/4 and at 1/2 of the budget a trial goes on only
+def make_pruner(minutes: float | None, n_trials: int, steps: int | None = None):
+    """Successive halving on training time (or steps, under a steps budget): at 1/4 and at 1/2
+    of the budget a trial goes on only
     if it is in the better half of the trials measured there; but none is pruned before the
     first startup_trials() have completed. (Measured on `tiny`, 12 trials: with rungs from 1/9 of
     the budget and no such wait, the config's own trial 0 set the bar and every other trial was
@@ -155,7 +168,8 @@ def make_pruner(minutes: float, n_trials: int):
             return len(complete) >= self.startup
 
     halving = optuna.pruners.SuccessiveHalvingPruner(
-        min_resource=max(1, int(60_000 * minutes / 4)), reduction_factor=2
+        min_resource=max(1, steps // 4 if steps else int(60_000 * minutes / 4)),
+        reduction_factor=2,
     )
     return AfterStartup(halving, startup_trials(n_trials))
 
@@ -165,7 +179,7 @@ def open_study(job: TuneJob, storage):
     it, refusing a study that was started with another config, space or budget."""
     optuna = _quiet_optuna()
     kw = dict(storage=storage, sampler=make_sampler(job.seed, job.trials),
-              pruner=make_pruner(job.minutes, job.trials))  # fmt: skip
+              pruner=make_pruner(job.minutes, job.trials, job.steps))  # fmt: skip
     try:
         study = optuna.create_study(study_name=job.study_name, direction="minimize", **kw)
         created = True
@@ -179,8 +193,17 @@ def open_study(job: TuneJob, storage):
     if stored is None:
         study.set_user_attr("azllm", meta)
     else:
-        for key, what in (("config", "--config"), ("space", "--space"),
-                          ("minutes_per_trial", "--minutes-per-trial")):  # fmt: skip
+        # First: the default space follows the budget (steps keep the batch), so a
+        # changed budget is the cause to name. (A study stored before steps budgets existed
+        # has no steps_per_trial: None, minutes.)
+        was = (stored.get("minutes_per_trial"), stored.get("steps_per_trial"))
+        if was != (meta["minutes_per_trial"], meta["steps_per_trial"]):
+            raise AzllmError(
+                f"study {job.study_name!r} in {job.storage} was started with "
+                f"{budget_text(*was)}, not {job.budget()}: trials of another length do not "
+                "compare; give the same budget, or --study NAME for a new study"
+            )
+        for key, what in (("config", "--config"), ("space", "--space")):
             if stored.get(key) != meta[key]:
                 raise AzllmError(
                     f"study {job.study_name!r} in {job.storage} was started with another "
@@ -268,7 +291,8 @@ class _ValTail:
         self.path, self.offset = path, 0
         self.last_step = 0
 
-    def read(self) -> list[float]:
+    def read(self) -> list[tuple[int, float]]:
+        """(step, validation bpb) of each evaluation logged since the last read."""
         import json
 
         try:
@@ -288,7 +312,7 @@ class _ValTail:
             if isinstance(rec, dict) and isinstance(rec.get("step"), int):
                 self.last_step = max(self.last_step, rec["step"])
                 if isinstance(rec.get("val_bpb"), int | float):
-                    out.append(float(rec["val_bpb"]))
+                    out.append((rec["step"], float(rec["val_bpb"])))
         return out
 
 
@@ -307,14 +331,15 @@ def run_trial(job: TuneJob, trial, params: dict[str, Any]) -> float:
     tdir = job.out / "trials" / f"{trial.number:04d}"
     if tdir.exists():  # left by an earlier study in the same --out: trial numbers restart there
         shutil.rmtree(tdir)
-    cfg = trial_config(job.base, params, job.minutes)
+    cfg = trial_config(job.base, params, job.minutes, job.steps)
     config_path = tdir / "config.toml"
     note = f"azllm tune: trial {trial.number} of study {job.study_name!r}"
     atomic_write_text(config_path, toml_text(config_tables(cfg), comments=[note]))
     trial.set_user_attr("dir", str(tdir))
     cmd = [sys.executable, "-m", "azllm.cli", "train", "--config", str(config_path),
            "--data", str(job.data), "--out", str(tdir / "run")]  # fmt: skip
-    tail, budget_ms = _ValTail(tdir / "run" / "metrics.jsonl"), 60_000 * job.minutes
+    tail = _ValTail(tdir / "run" / "metrics.jsonl")
+    budget_ms = 60_000 * job.minutes if not job.steps else 0
     last, t_train = None, None
     with open(tdir / "train.log", "wb") as log:
         t0 = time.monotonic()
@@ -329,14 +354,20 @@ def run_trial(job: TuneJob, trial, params: dict[str, Any]) -> float:
                 if t_train is None and tail.last_step:  # training has begun
                     t_train = time.monotonic()
                 if values:
-                    last = values[-1]
+                    last = values[-1][1]
                     ms = int(1000 * (time.monotonic() - (t_train or t0)))
-                    if rc is None and ms < 0.95 * budget_ms:  # at the end of its time: complete
-                        trial.report(last, ms)
-                        if trial.should_prune():
-                            trial.set_user_attr("seconds", round(time.monotonic() - t0, 1))
-                            trial.set_user_attr("steps", tail.last_step)
-                            raise optuna.TrialPruned(f"pruned after {ms / 1000:.0f} s of training")
+                    if job.steps:  # each evaluation at its step (every rung seen); the last
+                        reports = [(v, at) for at, v in values if at < job.steps]  # completes
+                        spent = f"{values[-1][0]} steps"
+                    else:  # the newest at its time, unless at the end of the time: complete
+                        reports = [(last, ms)] if rc is None and ms < 0.95 * budget_ms else []
+                        spent = f"{ms / 1000:.0f} s"
+                    for value, resource in reports:
+                        trial.report(value, resource)
+                    if reports and rc is None and trial.should_prune():  # ended: complete
+                        trial.set_user_attr("seconds", round(time.monotonic() - t0, 1))
+                        trial.set_user_attr("steps", tail.last_step)
+                        raise optuna.TrialPruned(f"pruned after {spent} of training")
                 if rc is not None:
                     break
                 time.sleep(POLL_S)
@@ -381,7 +412,7 @@ def _objective(job: TuneJob):
         if sum(_finished(t) or _pending(t) for t in ahead) >= job.trials:
             trial.set_user_attr("outcome", "surplus")
             raise Surplus()
-        params = {key: p.suggest(trial) for key, p in job.space.items()}
+        params = draw(job.space, trial)
         try:
             value = run_trial(job, trial, params)
         except optuna.TrialPruned as e:
@@ -410,7 +441,8 @@ def run_worker(job: TuneJob):
     done = sum(map(_finished, study.get_trials(deepcopy=False)))
     print(
         f"study {job.study_name!r} in {job.storage}: {done} of {job.trials} trials done; "
-        f"{job.minutes:g} min per trial, {len(job.space)} settings tuned",
+        f"{f'{job.steps} steps' if job.steps else f'{job.minutes:g} min'} per trial, "
+        f"{len(job.space)} settings tuned",
         flush=True,
     )
     objective = _objective(job)
