@@ -75,13 +75,28 @@ def temp_path(path: Path, tag: str = "") -> Iterator[Path]:
         _remove(tmp)
 
 
+# torch's zip writer (torch.save, DCP) reports a short write as RuntimeError, without errno
+_TORCH_SHORT_WRITE = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
+
+
+def short_write(e: BaseException) -> bool:
+    """torch's RuntimeError for a write the filesystem cut short (a full disk, a size limit)."""
+    return any(k in str(e) for k in _TORCH_SHORT_WRITE)
+
+
 def write_error(path: Path, e: BaseException, what: str = "--out") -> AzllmError:
     """A one-line user error for a failed write: a full disk, a read-only place, a file where
     a folder should be."""
     text = str(e)
     reason = getattr(e, "strerror", None) or (text.splitlines() or [type(e).__name__])[0][:160]
+    code = getattr(e, "errno", None)
+    if m := re.search(r"os error (\d+)", text):  # safetensors' (Rust) I/O error
+        code = int(m.group(1))
+        reason = os.strerror(code)
+    if short_write(e):
+        reason = "the write was cut short: the disk is full or a file-size limit was reached"
     # numpy's short write ("... requested and ... written"), safetensors' StorageFull
-    if getattr(e, "errno", None) == errno.ENOSPC or any(
+    if code == errno.ENOSPC or any(
         k in text for k in ("requested and", "StorageFull", "No space left")
     ):
         reason = "no space left on the device"

@@ -46,7 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from azllm.atomic import move_dir_into_place, temp_path
+from azllm.atomic import move_dir_into_place, short_write, temp_path, write_error, writing
 from azllm.config import resolve_sizes
 from azllm.errors import AzllmError
 
@@ -113,7 +113,8 @@ def _weights_metadata(model: torch.nn.Module, run_dir: Path) -> dict[str, str]:
 
 
 def _write_safetensors(sd: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
-    with temp_path(path) as tmp:
+    # a full disk is SafetensorError (StorageFull), not OSError: one line, the temporary removed
+    with writing(path, errors=(SafetensorError,)), temp_path(path) as tmp:
         save_file(sd, str(tmp), metadata=metadata)
         tmp.replace(path)
 
@@ -137,7 +138,8 @@ def _lora(model: torch.nn.Module) -> bool:
 def _save_lora(model: torch.nn.Module, path: Path) -> None:
     from azllm.lora import save_adapters
 
-    save_adapters(unwrap(model), path.parent / "best" if path.stem == "best" else path.parent)
+    with writing(path, errors=(SafetensorError,)):
+        save_adapters(unwrap(model), path.parent / "best" if path.stem == "best" else path.parent)
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -335,16 +337,43 @@ def save_checkpoint(
         # left by runs killed mid-save (one writer per run: none of these is being written)
         for stale in tmp.parent.glob(".step-*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        with writing(target):
+            tmp.mkdir(parents=True)
     if _distributed():
         dist.barrier()  # the folder exists before anyone writes into it
+    try:
+        weights = _write_checkpoint(tmp, target, step, model, optimizer, scaler, best_val, write)
+    except BaseException as e:
+        failure = _write_failure(e)
+        if write:  # nothing half-written stays (a killed process's is swept by the next save)
+            shutil.rmtree(tmp, ignore_errors=True)
+        if failure is None:
+            raise
+        raise write_error(target, failure) from None
+    if not write:
+        return target
+    final = run_dir / "model.safetensors"
+    if weights is None:
+        _save_lora(model, final)
+    else:
+        _write_safetensors(weights, final, _weights_metadata(model, run_dir))
+    for old in checkpoint_dirs(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _write_checkpoint(
+    tmp: Path, target: Path, step: int, model, optimizer, scaler, best_val: float, write: bool
+) -> dict | None:
+    """The checkpoint's files into `tmp`, renamed to `target` (rank 0); returns the full weights
+    for RUN/model.safetensors (None for LoRA, whose adapters are written instead)."""
     msd, osd = get_state_dict(unwrap(model), optimizer, options=_frozen_out(model))
     # Returns on rank 0 only after every process has written its files and rank 0 the metadata.
     _dcp(dcp.save, {"model": msd, "optimizer": osd}, tmp)
-    # full weights for RUN/model.safetensors (collective); LoRA: the adapters, written below
+    # full weights for RUN/model.safetensors (collective); LoRA: the adapters, written later
     weights = None if _lora(model) else model_state(model)
     if not write:
-        return target
+        return weights
     trainer = {
         "step": step,
         "best_val_loss": best_val,
@@ -356,14 +385,17 @@ def save_checkpoint(
     }
     torch.save(trainer, tmp / "trainer.pt")
     move_dir_into_place(tmp, target)  # a re-run of the same step replaces it only now
-    final = run_dir / "model.safetensors"
-    if weights is None:
-        _save_lora(model, final)
-    else:
-        _write_safetensors(weights, final, _weights_metadata(model, run_dir))
-    for old in checkpoint_dirs(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
+    return weights
+
+
+def _write_failure(e: BaseException) -> BaseException | None:
+    """The filesystem's refusal behind a failed checkpoint write (a full disk...), or None for
+    anything else. DCP wraps each process's error in a CheckpointException (a BaseException)."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    if isinstance(e, OSError) or (isinstance(e, RuntimeError) and short_write(e)):
+        return e
+    return None
 
 
 def _frozen_out(model) -> StateDictOptions | None:

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import closing
 from pathlib import Path
 
+from azllm.corpus import readers
 from azllm.corpus.formats import STREAM_ERRORS, UnknownFormat, detect_format, open_binary
 from azllm.corpus.readers import ReaderOptions, describe_error, expand_inputs, text_blocks
 from azllm.errors import AzllmError
@@ -50,14 +52,21 @@ def _format(path: Path) -> tuple[str, str | None]:
 
 
 def _read_lines(path: Path) -> Iterator[str]:
-    lineno = 0
+    """The lines of a text file, each held whole only up to readers.MAX_RECORD_CHARS: a longer
+    one (a 50 MB JSONL record) is read through in pieces and stands as a blank line (line
+    numbers stay right), with one warning per file."""
+    lineno, too_long = 0, []
     try:
         _, compression = _format(path)
-        # strict decoding: a non-UTF-8 file is the user's to fix, not ours to guess
+        # strict decoding: a non-UTF-8 file is the user's to fix, not ours to guess; universal
+        # newlines, as _bounded_lines ends a line at "\n" only
         with io.TextIOWrapper(
-            open_binary(path, compression), encoding="utf-8", errors="strict", newline=""
+            open_binary(path, compression), encoding="utf-8", errors="strict", newline=None
         ) as f:
-            for lineno, line in enumerate(f, 1):  # noqa: B007 (lineno is read in the except)
+            for lineno, line in enumerate(readers._bounded_lines(f), 1):
+                if isinstance(line, readers.RecordTooLong):
+                    too_long.append(lineno)
+                    line = "\n"
                 yield line
     except UnicodeDecodeError as e:
         raise AzllmError(
@@ -69,6 +78,12 @@ def _read_lines(path: Path) -> Iterator[str]:
             f"{path}: cannot read after line {lineno} ({describe_error(e)}); "
             "fetch or copy the file again"
         ) from None
+    if too_long:
+        print(
+            f"azllm: warning: {path}: skipped {len(too_long)} line(s) longer than "
+            f"{readers.MAX_RECORD_CHARS:,} characters (line {too_long[0]})",
+            file=sys.stderr,
+        )
 
 
 def _txt_documents(path: Path, max_chars: int = DOC_CHARS) -> Iterator[str]:

@@ -10,6 +10,7 @@ import gzip
 import io
 import json
 import lzma
+import os
 import signal
 import subprocess
 import sys
@@ -19,9 +20,10 @@ from pathlib import Path
 import pytest
 import zstandard
 from chat_fixtures import make_run
-from conftest import SAMPLE, shared_path
+from conftest import SAMPLE, run_cli, shared_path
 
 from azllm.cli import main
+from azllm.errors import AzllmError
 
 TEXT = "\n\n".join(p.read_text(encoding="utf-8") for p in sorted(SAMPLE.glob("*.txt")))
 
@@ -142,6 +144,36 @@ def test_over_long_jsonl_record_is_skipped_in_bounded_memory(tmp_path, monkeypat
     assert len(bad) == 1 and "longer than" in bad[0]
 
 
+def test_over_long_line_of_a_training_text_is_skipped_in_bounded_memory(
+    tmp_path, monkeypatch, capsys
+):
+    from azllm.corpus import readers
+    from azllm.documents import iter_all_documents
+
+    monkeypatch.setattr(readers, "MAX_RECORD_CHARS", 1 << 20)
+    huge = "Salam dünya. " * ((24 << 20) // 13)  # ~24 MB
+    jsonl, txt = tmp_path / "a.jsonl", tmp_path / "b.txt"
+    rows = [{"text": "Bakı gözəl şəhərdir."}, {"text": huge}, {"text": "Xəzər dənizi."}]
+    jsonl.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    txt.write_text(f"Birinci abzas.\r\n\r\n{huge}\r\nSonuncu abzas.\r\n", encoding="utf-8")
+    del huge
+    tracemalloc.start()
+    docs = list(iter_all_documents([jsonl, txt]))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 12 << 20, peak  # measured 4.2 MB; each file holds a 24 MB line
+    assert docs == ["Bakı gözəl şəhərdir.", "Xəzər dənizi.", "Birinci abzas.", "Sonuncu abzas."]
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"azllm: warning: {jsonl}: skipped 1 line(s) longer than 1,048,576 characters (line 2)",
+        f"azllm: warning: {txt}: skipped 1 line(s) longer than 1,048,576 characters (line 3)",
+    ]
+    with open(jsonl, "a") as f:  # line numbers count the skipped line
+        f.write("{cut\n")
+    with pytest.raises(AzllmError, match=r"a\.jsonl:4: not valid JSON"):
+        list(iter_all_documents([jsonl]))
+
+
 # --- 3. damaged metrics.jsonl ------------------------------------------------------------------
 
 BAD_LINES = [b"[1, 2]", b"null", b'{"step": "x"}', b"\xff\xfe not utf-8", b'{"loss": 1}', b"{cut"]
@@ -186,6 +218,43 @@ def test_resume_with_damaged_metrics(tmp_path, capsys, data_dir):
     assert any("damaged line" in ln for ln in err), err
     steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps[-1] == 4
+
+
+# --- 1. a full disk while training --------------------------------------------------------------
+
+# A real short write in a real process: past RLIMIT_FSIZE the kernel refuses every write (EFBIG)
+# to safetensors' Rust writer, DCP and torch.save alike, as a full disk refuses it (ENOSPC).
+FILE_SIZE_LIMIT = """
+import resource, signal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the process is killed at the limit
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+"""
+
+
+@pytest.mark.parametrize(
+    "limit, eval_interval, failing, reason",
+    [  # the first file over the limit: the weights at the first eval (safetensors, 560 kB: an
+        # errno from Rust), or, eval at the end only, the DCP checkpoint (2.0 MB; torch's zip
+        # writer: a RuntimeError with no errno)
+        (100_000, 1, "best.safetensors", "File too large"),
+        (1_000_000, 100, "checkpoints/step-2", "the write was cut short"),
+    ],
+)
+def test_train_on_a_full_disk(tmp_path, data_dir, limit, eval_interval, failing, reason):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(FILE_SIZE_LIMIT.format(limit=limit))
+    pythonpath = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    run = tmp_path / "run"
+    proc = run_cli("train", "--config", "tiny", "--data", data_dir, "--out", run,
+                   "--precision", "fp32", "--max-steps", "2", "--set", "model.block_size=32",
+                   "train.ckpt_interval=2", f"train.eval_interval={eval_interval}",
+                   env={"PYTHONPATH": pythonpath}, check=False)  # fmt: skip
+    err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert err[-1].startswith("azllm: error:") and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{run / failing}: cannot write there ({reason}" in err[-1], err[-1]
+    assert hidden_leftovers(run) == [] and not (run / failing).exists()
 
 
 # --- 4. unwritable export targets --------------------------------------------------------------
@@ -242,6 +311,25 @@ def test_export_to_a_full_disk_leaves_nothing(tmp_path, capsys, monkeypatch, exp
     assert list(out.parent.iterdir()) == []
 
 
+@pytest.mark.parametrize("kind", EXPORTS)
+def test_export_to_an_immutable_folder_is_refused(tmp_path, capsys, monkeypatch, export_run, kind):
+    import safetensors.torch
+
+    import azllm.export.gguf as gguf_mod
+
+    def denied(*args, **kwargs):  # chattr +i (root cannot write either; chmod cannot show it)
+        raise PermissionError(errno.EACCES, "Permission denied", str(args[-1]))
+
+    monkeypatch.setattr(gguf_mod, "write_gguf", lambda model, tok, cfg, path, *a, **k: denied(path))
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda sd, path, **k: denied(path))
+    out = tmp_path / "dest" / ("m.gguf" if kind == "gguf" else "out")
+    out.parent.mkdir()
+    line = refused(capsys, "export", *EXPORTS[kind], "--run", export_run, "--out", out,
+                   match=f"--out {out}: cannot write there (Permission denied)")  # fmt: skip
+    assert "choose another place" in line
+    assert list(out.parent.iterdir()) == []
+
+
 # --- 6. temporary files of killed runs ---------------------------------------------------------
 
 
@@ -278,6 +366,7 @@ def slow(model, tok, cfg, path, kind, name="azllm"):
     time.sleep(60)
 g.write_gguf = slow
 from azllm.cli import main
+from azllm.errors import AzllmError
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -297,6 +386,64 @@ def test_sigterm_during_export_removes_its_temporary_file(tmp_path, export_run):
     proc.wait(timeout=30)
     assert proc.returncode == 130, proc.stderr.read()
     assert hidden_leftovers(tmp_path) == [] and not out.exists()
+
+
+def test_leipzig_extraction_leaves_no_visible_or_stale_temporary(tmp_path, monkeypatch):
+    import tarfile
+
+    from azllm.corpus import download as dl
+
+    name = "aze_wikipedia_2021_10K"
+    data = "".join(f"{i}\tCümlə nömrə {i}.\n" for i in range(1, 1001)).encode()
+    archive = tmp_path / f"{name}.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo(f"{name}/{name}-sentences.txt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "out" / f"{name}-sentences.txt"
+    out.parent.mkdir()
+    seen: list[list[str]] = []
+    real = tarfile.TarFile.extractfile
+
+    def interrupted(self, member):  # a Ctrl-C half-way through the sentences
+        src = real(self, member)
+
+        def lines():
+            for i, line in enumerate(src):
+                if i == 500:
+                    seen.append(sorted(p.name for p in out.parent.iterdir()))
+                    raise KeyboardInterrupt
+                yield line
+
+        return ClosingIter(lines(), src)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        dl.extract_leipzig_sentences(archive, out)
+    assert seen == [[f".{out.name}.{os.getpid()}.tmp"]]  # hidden while written
+    assert list(out.parent.iterdir()) == []
+    monkeypatch.undo()
+
+    stale = out.parent / f".{out.name}.{dead_pid()}.tmp"  # a killed run's
+    stale.write_text("half")
+    assert dl.extract_leipzig_sentences(archive, out) == 1000
+    assert [p.name for p in out.parent.iterdir()] == [out.name]
+
+
+class ClosingIter:
+    """An iterator that is also a context manager closing `inner` (as extractfile's is)."""
+
+    def __init__(self, it, inner):
+        self.it, self.inner = it, inner
+
+    def __iter__(self):
+        return self.it
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.inner.close()
 
 
 def test_hidden_half_written_folders_are_not_read(tmp_path, capsys, tokenizer_path):

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 from tqdm import tqdm
 
 from azllm import __version__
+from azllm.atomic import temp_path
 from azllm.errors import AzllmError
 
 SOURCES = ("wikipedia", "leipzig", "cc100")
@@ -303,25 +304,29 @@ def extract_leipzig_sentences(archive: Path, out_path: Path) -> int:
 
     Leipzig shuffles sentences (no document order survives), so there are no documents to keep.
     """
-    tmp = out_path.with_name(out_path.name + ".tmp")
     count = 0
-    try:
-        with tarfile.open(archive, "r:gz") as tar:
-            member = next((m for m in tar if m.name.endswith("-sentences.txt")), None)
-            if member is None:
-                raise AzllmError(f"{archive}: no *-sentences.txt inside; is it a Leipzig corpus?")
-            src = tar.extractfile(member)
-            with src, open(tmp, "w", encoding="utf-8") as out:
-                for raw in src:
-                    line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-                    text = line.split("\t", 1)[1] if "\t" in line else line
-                    if text.strip():
-                        out.write(text + "\n")
-                        count += 1
-    except (tarfile.TarError, EOFError, OSError) as e:
-        tmp.unlink(missing_ok=True)
-        raise AzllmError(f"{archive}: cannot read the archive ({e}); delete it and rerun") from None
-    os.replace(tmp, out_path)
+    # a hidden .NAME.PID.tmp: removed on any exit Python sees, and by the next run after a kill
+    with temp_path(out_path) as tmp:
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                member = next((m for m in tar if m.name.endswith("-sentences.txt")), None)
+                if member is None:
+                    raise AzllmError(
+                        f"{archive}: no *-sentences.txt inside; is it a Leipzig corpus?"
+                    )
+                src = tar.extractfile(member)
+                with src, open(tmp, "w", encoding="utf-8") as out:
+                    for raw in src:
+                        line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                        text = line.split("\t", 1)[1] if "\t" in line else line
+                        if text.strip():
+                            out.write(text + "\n")
+                            count += 1
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise AzllmError(
+                f"{archive}: cannot read the archive ({e}); delete it and rerun"
+            ) from None
+        os.replace(tmp, out_path)
     return count
 
 
