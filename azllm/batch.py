@@ -17,9 +17,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it runs: corpus/ uses in_val and never imports torch
+    import torch
 
 
 @dataclass
@@ -83,5 +84,7 @@ def in_val(key: bytes, val_fraction: float) -> bool:
 def step_generator(seed: int, split: str, key: int | str) -> torch.Generator:
     """A generator seeded by (seed, split, key) alone: the rows a step takes never depend on
     what was drawn before, so no sampler state needs saving."""
+    import torch
+
     digest = hashlib.blake2b(f"{seed}/{split}/{key}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)

@@ -9,6 +9,7 @@ despite its name: bf16) and an H100 (bf16).
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -101,11 +102,15 @@ def measure_matmul_peak(device: torch.device, precision: str, seconds: float = 0
 
 # Dense bf16/fp16 tensor-core peaks from the vendors' datasheets (FLOP/s, no sparsity): the
 # denominator peers (nanoGPT, nanochat, PaLM's MFU) use. Cards not listed get no datasheet MFU.
+# A key matches the device name where no letter or digit follows it, the longest key first:
+# "NVIDIA L40" is not an L4, "NVIDIA H100 PCIe" not the SXM card.
 DATASHEET_PEAKS = {
     "H200": 989.4e12,
-    "H100": 989.4e12,  # SXM; the PCIe card is lower, but reports the same name prefix
+    "H100": 989.4e12,  # SXM (and "H100 80GB HBM3")
+    "H100 PCIe": 756e12,
     "A100": 312e12,
     "L40S": 362e12,
+    "L40": 181e12,
     "L4": 121e12,
     "A10G": 70e12,
     "V100": 125e12,  # fp16 only
@@ -118,7 +123,7 @@ def datasheet_peak(device: torch.device, precision: str) -> float | None:
     if device.type != "cuda" or precision == "fp32":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, flops in DATASHEET_PEAKS.items():
-        if key in name:
-            return flops
+    for key in sorted(DATASHEET_PEAKS, key=len, reverse=True):
+        if re.search(re.escape(key) + r"(?![0-9A-Za-z])", name):
+            return DATASHEET_PEAKS[key]
     return None

@@ -14,6 +14,15 @@ from dataclasses import dataclass
 from azllm.errors import AzllmError
 
 
+class OutOfBounds(AzllmError):
+    """A sampling setting outside its bounds; `field` is its name in SamplingSettings (the HTTP
+    API reports it as the 400's `param`)."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """How to pick each next token: the one home of the sampling defaults and their bounds.
@@ -30,10 +39,13 @@ class SamplingSettings:
     seed: int | None = None
 
     def check(self, where: str = "") -> SamplingSettings:
-        """Raise AzllmError naming the field (prefixed by `where`, e.g. "--") when out of bounds."""
+        """Raise OutOfBounds naming the field (prefixed by `where`, e.g. "--") when out of bounds.
+
+        temperature stops at 2, OpenAI's bound: the HTTP API and the commands take one range.
+        """
         bad = None
-        if not 0.0 <= self.temperature <= 100.0:  # also refuses NaN
-            bad = ("temperature", "a number in [0, 100] (0 = greedy)", self.temperature)
+        if not 0.0 <= self.temperature <= 2.0:  # also refuses NaN
+            bad = ("temperature", "a number in [0, 2] (0 = greedy)", self.temperature)
         elif self.top_k < 0:
             bad = ("top_k", "an integer >= 0 (0 = off)", self.top_k)
         elif not 0.0 < self.top_p <= 1.0:
@@ -42,7 +54,7 @@ class SamplingSettings:
             bad = ("max_new_tokens", "an integer >= 1", self.max_new_tokens)
         if bad:
             name = f"{where}{bad[0].replace('_', '-')}" if where == "--" else f"{where}{bad[0]}"
-            raise AzllmError(f"{name} must be {bad[1]}, got {bad[2]!r}")
+            raise OutOfBounds(f"{name} must be {bad[1]}, got {bad[2]!r}", bad[0])
         return self
 
     def override(self, **fields) -> SamplingSettings:

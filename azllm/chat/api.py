@@ -27,10 +27,11 @@ max_tokens, whose default is also capped by the room the prompt leaves in the co
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from azllm.sampling import DoesNotFit, SamplingSettings, fit_max_tokens
+from azllm.sampling import DoesNotFit, OutOfBounds, SamplingSettings, fit_max_tokens
 from azllm.tokenizer import AzTokenizer
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -157,21 +158,17 @@ def _bool(obj: dict, name: str, default: bool, param: str | None = None) -> bool
     return value
 
 
-def _number(body: dict, name: str, lo: float, hi: float, default, lo_open: bool = False):
+def _number(body: dict, name: str, default: float) -> float:
+    """A JSON number (not a bool) as a float; its bounds are SamplingSettings.check's."""
     value = body.get(name)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _type_error(name, "a number", value)
-    if not ((lo < value if lo_open else lo <= value) and value <= hi):
-        side = "(" if lo_open else "["
-        raise ApiError(
-            400,
-            f"{name} must be a number in {side}{lo}, {hi}], got {_show(value)}",
-            name,
-            "invalid_value",
-        )
-    return value
+    try:
+        return float(value)
+    except OverflowError:  # an integer of hundreds of digits: outside every bound, not a 500
+        return math.inf if value > 0 else -math.inf
 
 
 def _integer(body: dict, name: str, lo: int, hi: int = INT_MAX, default=None):
@@ -213,11 +210,19 @@ def parse_params(body: dict) -> Params:
     options = {} if options is None else options
     if not isinstance(options, dict):
         raise _type_error("stream_options", "an object", options)
+    try:  # the bounds' one home; INT_MAX only keeps a 5,000-digit top_k out of torch
+        sampling = SamplingSettings(
+            temperature=_number(body, "temperature", DEFAULTS.temperature),
+            top_p=_number(body, "top_p", DEFAULTS.top_p),
+            top_k=_integer(body, "top_k", -INT_MAX, default=DEFAULTS.top_k),
+        ).check()
+    except OutOfBounds as e:
+        raise ApiError(400, str(e), e.field, "invalid_value") from None
     return Params(
         max_tokens=max_tokens,
-        temperature=float(_number(body, "temperature", 0, 2, DEFAULTS.temperature)),
-        top_p=float(_number(body, "top_p", 0, 1, DEFAULTS.top_p, lo_open=True)),
-        top_k=_integer(body, "top_k", 0, default=DEFAULTS.top_k),
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
         seed=_integer(body, "seed", *SEED_RANGE, default=DEFAULTS.seed),
         stop=stop,
         stream=_bool(body, "stream", False),

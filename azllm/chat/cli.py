@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from azllm.config import PRECISIONS
 from azllm.errors import AzllmError
 from azllm.sampling import SamplingSettings
 
@@ -15,7 +16,7 @@ def run_flags(p: argparse.ArgumentParser, *, run_required: bool = True, threads:
     p.add_argument("--run", required=run_required, help="run directory (azllm train / sft)")
     p.add_argument("--weights", default="model", choices=["model", "best"])
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     if threads:
         p.add_argument(
             "--threads",

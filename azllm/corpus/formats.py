@@ -110,6 +110,32 @@ class _CountingReader(io.RawIOBase):
         super().close()
 
 
+class _ClosesItsFile:
+    """close() also closes `owned`: GzipFile, BZ2File and LZMAFile given a file object leave it
+    open (they close only files they opened), and it would warn unclosed when collected."""
+
+    owned: IO[bytes] | None = None
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self.owned is not None:
+                self.owned.close()
+
+
+class _GzipFile(_ClosesItsFile, gzip.GzipFile):
+    pass
+
+
+class _BZ2File(_ClosesItsFile, bz2.BZ2File):
+    pass
+
+
+class _LZMAFile(_ClosesItsFile, lzma.LZMAFile):
+    pass
+
+
 def open_binary(
     path: Path, compression: str | None, on_bytes: Callable[[int], None] | None = None
 ) -> IO[bytes]:
@@ -117,15 +143,16 @@ def open_binary(
     raw: IO[bytes] = open(path, "rb", buffering=0)
     if on_bytes is not None:
         raw = _CountingReader(raw, on_bytes)
-    if compression == "gzip":
-        return gzip.GzipFile(fileobj=raw, mode="rb")
-    if compression == "bz2":
-        return bz2.BZ2File(raw, "rb")
-    if compression == "xz":
-        return lzma.LZMAFile(raw, "rb")
     if compression == "zstd":
         return io.BufferedReader(_ZstdReader(raw), buffer_size=1 << 20)
-    return io.BufferedReader(raw, buffer_size=1 << 20)
+    if compression is None:
+        return io.BufferedReader(raw, buffer_size=1 << 20)
+    if compression == "gzip":
+        f = _GzipFile(fileobj=raw, mode="rb")
+    else:
+        f = {"bz2": _BZ2File, "xz": _LZMAFile}[compression](raw, "rb")
+    f.owned = raw
+    return f
 
 
 def _compression_of(path: Path) -> str | None:

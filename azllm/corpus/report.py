@@ -19,9 +19,8 @@ from pathlib import Path
 
 import zstandard
 
+from azllm.batch import in_val
 from azllm.errors import AzllmError
-
-from .dedup import hash64
 
 STAGES = ("read", "extract", "clean", "lines", "language", "filters", "dedup", "output")
 MAX_EXAMPLES = 3
@@ -196,9 +195,8 @@ class SplitWriter:
             self._writers[split] = cctx.stream_writer(f, closefd=False)
 
     def split_of(self, text: str) -> str:
-        # top 53 bits of a stable hash as a number in [0, 1)
-        u = (hash64(text) & ((1 << 64) - 1)) >> 11
-        return "val" if u / (1 << 53) < self.val_fraction else "train"
+        # the split rule's one home; the same key as `azllm tokenize` (shards.py) hashes
+        return "val" if in_val(text.encode("utf-8"), self.val_fraction) else "train"
 
     def write(self, text: str, source: str, doc_id: str) -> str:
         split = self.split_of(text)
