@@ -6,14 +6,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import SAMPLE, run_cli
 
 from azllm.config import ModelConfig
+from azllm.documents import iter_all_documents
 from azllm.errors import AzllmError
 from azllm.evaluate.backends import RunBackend
 from azllm.evaluate.harness import (
@@ -109,8 +111,13 @@ GOOD = {"question": "Sual?", "choices": ["a", "b", "c", "d"], "answer": "B"}
         ([GOOD, "{not json"], [":2:", "not valid JSON"]),
         ([{**GOOD, "question": ""}], [":1:", "'question'"]),
         ([{"question": "Sual?"}], [":1:", "'answers'"]),
+        # no record has "choices": multiple choice under another name is not read as QA
+        ([{"question": "Sual?", "options": ["a", "b"], "answer": 1}], [":1:", "'choices'",
+                                                                       "'options'"]),
+        ([{"question": "1+1?", "answer": "2"}, {"question": "Sual?", "answer": "C"}],
+         [":2:", "'choices'", "answer 'C'"]),
     ],
-)
+)  # fmt: skip
 def test_bad_records_name_file_line_and_field(tmp_path, records, expect):
     path = _jsonl(tmp_path / "bad.jsonl", records)
     with pytest.raises(AzllmError) as e:
@@ -146,6 +153,12 @@ def test_shared_prefix_scores_equal_one_sequence_at_a_time():
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=16)
     model = GPT(cfg).eval()
+    # the init's 0.02 gives near-uniform attention, blind to a wrong context's keys; at 0.3 the
+    # sums still agree within 1e-5 (measured: above 1e-6), under the 1e-4 below
+    with torch.no_grad():
+        for w in model.parameters():
+            if w.dim() == 2:
+                w.normal_(0, 0.3)
 
     class Tok:
         pad_id, eos_id, end_id = 0, 1, 2
@@ -238,77 +251,86 @@ def test_chat_form_asks_with_letters(tiny_run, tmp_path):
     assert row["task"] == "mc (base / chat)" and row["n"] == 6
 
 
-# ---- a model that learned the answers scores above chance; a random one does not -------------
-
-CAPITALS = {
-    "Azərbaycan": "Bakı", "Türkiyə": "Ankara", "Gürcüstan": "Tbilisi", "İran": "Tehran",
-    "Rusiya": "Moskva", "Fransa": "Paris", "Almaniya": "Berlin", "İtaliya": "Roma",
-    "İspaniya": "Madrid", "Misir": "Qahirə", "Yaponiya": "Tokio", "Çin": "Pekin",
-    "Qazaxıstan": "Astana", "Özbəkistan": "Daşkənd", "Yunanıstan": "Afina", "Kanada": "Ottava",
-}  # fmt: skip
+# ---- a model that learned the task scores above chance on unseen questions; a random one not --
 
 
-def _capital_task(folder: Path) -> Path:
-    """dev: one question per country with its answer; test: 3 held-out questions per country
-    with other distractors, the answer's position cycling through A-D."""
-    names, caps = list(CAPITALS), list(CAPITALS.values())
-    dev, test = [], []
-    for i, country in enumerate(names):
-        q = f"{country} ölkəsinin paytaxtı hansı şəhərdir?"
-        dev.append({"question": q, "choices": [caps[i], caps[i - 1]], "answer": 0})
-        for j in range(3):
-            wrong = [caps[(i + 1 + j + 4 * k) % len(caps)] for k in range(3)]
-            pos = (i + j) % 4
-            test.append({"question": q, "choices": wrong[:pos] + [caps[i]] + wrong[pos:],
-                         "answer": "ABCD"[pos], "subject": "paytaxt"})  # fmt: skip
-    _jsonl(folder / "dev.jsonl", dev)
-    return _jsonl(folder / "test.jsonl", test).parent
+def _copy_task(folder: Path) -> tuple[Path, list[str]]:
+    """Questions of one kind, "repeat the word W", with W and three other words as choices (the
+    answer's position cycling through A-D). The 48 test words are held out: the training text
+    (returned) asks the same about the sample corpus's other words, so the only thing to learn
+    that helps on the test is the pattern (copy the word from the question), not the answers."""
+    text = " ".join(iter_all_documents([SAMPLE]))
+    words = sorted({w for w in re.findall(r"[^\W\d_]+", text.lower()) if 4 <= len(w) <= 8})
+    test_words, train_words = words[::8][:48], [w for i, w in enumerate(words) if i % 8]
+    test = []
+    for i, w in enumerate(test_words):
+        wrong = [test_words[(i + 1 + 7 * k) % len(test_words)] for k in range(3)]
+        pos = i % 4
+        test.append({"question": f"Təkrarla: {w}", "choices": wrong[:pos] + [w] + wrong[pos:],
+                     "answer": "ABCD"[pos], "subject": "təkrar"})  # fmt: skip
+    return _jsonl(folder / "test.jsonl", test).parent, train_words
 
 
-def test_accuracy_rises_when_the_model_learns_the_answers(tmp_path, tok):
+def test_accuracy_rises_when_the_model_learns_the_task(tmp_path, tok):
     from azllm.config import apply_overrides, load_config
     from azllm.evaluate.harness import base_context
     from azllm.evaluate.tasks import Item
     from azllm.shards import tokenize_to_shards
     from azllm.train import train
 
-    task_dir = _capital_task(tmp_path / "paytaxt")
+    task_dir, train_words = _copy_task(tmp_path / "tekrar")
     (task,) = load_tasks(str(task_dir))
-    # training text: the dev split's questions with their answers, as the prompt writes them
-    docs = [
-        base_context(Item("", d.question, "", ""), []) + " " + d.choices[d.gold] for d in task.dev
-    ]
+    # training text: the same kind of question about other words, as the prompt writes them
+    docs = [base_context(Item("", f"Təkrarla: {w}", "", ""), []) + " " + w for w in train_words]
+    corpus = "\n\n".join(docs * 3) + "\n"
+    held_out = {w for it in task.test for w in it.choices}
+    assert len(held_out) == 48 and not held_out & set(re.findall(r"[^\W\d_]+", corpus))
     (tmp_path / "corpus").mkdir()
-    (tmp_path / "corpus" / "facts.txt").write_text("\n\n".join(docs * 8) + "\n", encoding="utf-8")
+    (tmp_path / "corpus" / "copy.txt").write_text(corpus, encoding="utf-8")
     data = tmp_path / "shards"
     tokenize_to_shards(tok, [tmp_path / "corpus"], data, val_fraction=0.0, progress=False)
+    # 400 steps: accuracy 0.75 measured (0.875 at 600, 0.375 at 400 with a longer question)
     cfg = apply_overrides(
         load_config("tiny"),
-        {"train.precision": "fp32", "train.max_steps": 200, "train.micro_batch": 8,
-         "train.warmup_steps": 10, "train.ckpt_interval": 200, "train.log_interval": 50},
+        {"train.precision": "fp32", "train.max_steps": 400, "train.micro_batch": 8,
+         "train.warmup_steps": 10, "train.ckpt_interval": 400, "train.log_interval": 100},
     )  # fmt: skip
     run = tmp_path / "learned"
     train(cfg, data, run, progress=False)
     proc = cli("eval", "--run", run, "--tasks", task_dir, "--json")
     learned = json.loads(proc.stdout)
-    torch.manual_seed(0)
-    random_model = GPT(dataclasses.replace(cfg.model, vocab_size=tok.vocab_size))
-    (rand,) = evaluate_tasks(
-        RunBackend(random_model.eval(), tok), [str(task_dir)], model="random",
-        out_dir=tmp_path / "random" / "eval",
-    )  # fmt: skip
-    assert learned["n"] == rand["n"] == 48 and learned["chance"] == 0.25
-    assert learned["acc_ci95"][0] > 0.25 and learned["acc"] >= 0.75, learned
-    assert rand["acc_ci95"][0] <= 0.25 <= rand["acc_ci95"][1], rand
-    # --compare: side by side, the difference beyond noise (McNemar)
-    proc = cli("eval", "--compare", tmp_path / "random", run, "--json")
-    (row,) = (json.loads(line) for line in proc.stdout.splitlines())
-    assert row["task"] == "paytaxt" and row["n"] == 48
-    assert row["diff"] == pytest.approx(learned["acc"] - rand["acc"])
-    assert row["exceeds_noise"] and row["p_value"] < 0.05
-    proc = cli("eval", "--compare", tmp_path / "random", run)
-    assert "| paytaxt | 48 |" in proc.stdout and "| yes |" in proc.stdout
-    assert math.isclose(row["b"], learned["acc"])
+    rand = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        random_model = GPT(dataclasses.replace(cfg.model, vocab_size=tok.vocab_size))
+        rand += evaluate_tasks(
+            RunBackend(random_model.eval(), tok), [str(task_dir)], model=f"random{seed}",
+            out_dir=tmp_path / f"random{seed}" / "eval",
+        )  # fmt: skip
+    assert learned["n"] == rand[0]["n"] == 48 and learned["chance"] == 0.25
+    assert learned["acc_ci95"][0] > 0.25 and learned["acc"] >= 0.6, learned
+    for r in rand:
+        assert r["acc_ci95"][0] <= 0.25 <= r["acc_ci95"][1], r
+    # --compare: each run against the first, side by side; the learned one beyond noise
+    runs = [tmp_path / "random0", run, tmp_path / "random1"]
+    proc = cli("eval", "--compare", *runs, "--json")
+    row, row2 = (json.loads(line) for line in proc.stdout.splitlines())
+    assert (row["task"], row["n"], row["b_run"], row2["b_run"]) == ("tekrar", 48, str(run),
+                                                                    str(runs[2]))  # fmt: skip
+    assert row["diff"] == pytest.approx(learned["acc"] - rand[0]["acc"])
+    assert row["exceeds_noise"] and row["p_value"] < 0.05 and math.isclose(row["b"], learned["acc"])
+    assert row2["diff"] == pytest.approx(rand[1]["acc"] - rand[0]["acc"])
+    assert not row2["exceeds_noise"]
+    out = cli("eval", "--compare", *runs).stdout
+    assert "| task | n | A | B | B - A |" in out and "| C | C - A |" in out
+    table_row = next(line for line in out.splitlines() if line.startswith("| tekrar |"))
+    cells = [c.strip() for c in table_row.strip("|").split("|")]
+    assert cells[:3] == ["tekrar", "48", f"{100 * rand[0]['acc']:.1f}"]
+    assert (cells[3], cells[8], cells[9], cells[14]) == (
+        f"{100 * learned['acc']:.1f}", "yes", f"{100 * rand[1]['acc']:.1f}", "no")  # fmt: skip
+    proc = cli("eval", "--compare", run, check=False)  # one run: nothing to compare with
+    assert proc.returncode == 2 and "at least two" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 # ---- the other model forms -------------------------------------------------------------------
@@ -466,3 +488,10 @@ def test_train_logs_task_accuracy_and_plots_it(data_dir, tmp_path):
     assert not (tmp_path / "r2" / "checkpoints").exists() or not any(
         (tmp_path / "r2" / "checkpoints").iterdir()
     )
+    # 0 is not "the default interval": refused in one line before anything is written
+    proc = cli(
+        "train", "--config", "tiny", "--data", data_dir, "--out", tmp_path / "r3",
+        "--max-steps", "2", "--eval-tasks", "az-basic", "--eval-tasks-every", "0", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "--eval-tasks-every 0" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "r3").exists()

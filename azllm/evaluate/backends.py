@@ -6,8 +6,9 @@ conversation through the chat template, ready for the assistant's reply), `logli
 and whether greedy decoding would produce it) and `greedy` (batched greedy answers).
 
 - RunBackend: our model. A group's context runs once (a batch of contexts, left-padded, into a
-  KV cache), the cache rows are copied once per continuation, and all continuations then run
-  in one batch: a question's shared prompt costs one forward pass, not one per choice.
+  KV cache), the cache rows are copied once per continuation, and the continuations then run
+  in batches of similar length: a question's shared prompt costs one forward pass, not one per
+  choice.
 - HFBackend: transformers' AutoModelForCausalLM on an `azllm export hf` folder (full sequences,
   batched, right-padded: what lm-evaluation-harness does).
 - GGUFBackend: llama.cpp's own logits (llama-cpp-python, logits_all=True); the context is
@@ -24,6 +25,7 @@ import torch
 from azllm.errors import AzllmError
 
 Group = tuple[list[int], list[list[int]]]  # (context ids, continuation ids per choice)
+CONT_ROWS = 16  # continuation rows per pass (sorted by length: little padding)
 
 
 def _score(logp: torch.Tensor, targets: list[int]) -> tuple[float, bool]:
@@ -61,7 +63,6 @@ class RunBackend:
     @torch.no_grad()
     def loglikelihood(self, groups: list[Group]) -> list[list[tuple[float, bool]]]:
         from azllm.device import DTYPES, autocast
-        from azllm.model import KVCache
 
         model, dev = self.model, next(self.model.parameters()).device
         out: list[list[tuple[float, bool]]] = [[] for _ in groups]
@@ -87,31 +88,40 @@ class RunBackend:
             real = torch.zeros((len(batch), lc), dtype=torch.bool)
             for j, c in enumerate(ctxs):
                 x[j, lc - len(c) :], real[j, lc - len(c) :] = torch.tensor(c), True
-            cache = KVCache(model.cfg, len(batch), lc + lk - 1, dev, DTYPES[self.precision])
+            cache = _unfilled_cache(model.cfg, len(batch), lc + lk - 1, dev, DTYPES[self.precision])
             with autocast(dev, self.precision):
                 last, _ = model(x.to(dev), cache=cache, real=real.to(dev), last_only=True)
             first = torch.log_softmax(last[:, -1].float(), -1)  # predicts each first token
             logps = [first[owner[r]][None] for r in range(len(conts))]
-            if lk > 1:  # the rest of every continuation, all rows in one pass
-                idx = torch.tensor(owner, device=dev)
-                rc = KVCache(model.cfg, len(conts), lc + lk - 1, dev, DTYPES[self.precision])
-                rc.k[:, :, :, :lc], rc.v[:, :, :, :lc] = (
-                    cache.k[:, idx, :, :lc],
-                    cache.v[:, idx, :, :lc],
-                )
+            # The rest of every continuation, on copies of its context's cache rows: rows sorted
+            # by length, CONT_ROWS at a time, so a short answer is not padded to the batch's
+            # longest (az-basic's choices: 1-11 tokens, 3.4 on average).
+            longer = sorted(
+                (r for r, c in enumerate(conts) if len(c) > 1), key=lambda r: len(conts[r])
+            )
+            for s in range(0, len(longer), CONT_ROWS):
+                rows = longer[s : s + CONT_ROWS]
+                k = len(conts[rows[-1]]) - 1
+                rc = _unfilled_cache(model.cfg, len(rows), lc + k, dev, DTYPES[self.precision])
+                for q, r in enumerate(rows):  # row by row: ~6x faster than a gather cache.k[:, idx]
+                    rc.k[:, q, :, :lc] = cache.k[:, owner[r], :, :lc]
+                    rc.v[:, q, :, :lc] = cache.v[:, owner[r], :, :lc]
+                idx = torch.tensor([owner[r] for r in rows], device=dev)
                 rc.valid[:, :lc], rc.next_pos, rc.len = (
                     cache.valid[idx, :lc],
                     cache.next_pos[idx],
                     lc,
                 )
-                y = torch.full((len(conts), lk - 1), self.tok.pad_id, dtype=torch.long)
-                yreal = torch.zeros((len(conts), lk - 1), dtype=torch.bool)
-                for r, c in enumerate(conts):
-                    y[r, : len(c) - 1], yreal[r, : len(c) - 1] = torch.tensor(c[:-1]), True
+                y = torch.full((len(rows), k), self.tok.pad_id, dtype=torch.long)
+                yreal = torch.zeros((len(rows), k), dtype=torch.bool)
+                for q, r in enumerate(rows):
+                    n = len(conts[r]) - 1
+                    y[q, :n], yreal[q, :n] = torch.tensor(conts[r][:-1]), True
                 with autocast(dev, self.precision):
                     logits, _ = model(y.to(dev), cache=rc, real=yreal.to(dev))
                 rest = torch.log_softmax(logits.float(), -1)
-                logps = [torch.cat([logps[r], rest[r, : len(c) - 1]]) for r, c in enumerate(conts)]
+                for q, r in enumerate(rows):
+                    logps[r] = torch.cat([logps[r], rest[q, : len(conts[r]) - 1]])
             for r, c in enumerate(conts):
                 out[batch[owner[r]]].append(_score(logps[r], c))
         return out
@@ -132,6 +142,21 @@ class RunBackend:
             )
             outs += [_cut(m, self.stop_ids) for m in made]
         return outs
+
+
+def _unfilled_cache(cfg, batch: int, max_len: int, device, dtype):
+    """A KVCache whose keys/values are not zeroed: attention reads only the slots written so far
+    (model.py: [:cache.len + t]), and zero-filling the caches was ~20% of scoring time (profiled
+    on a 4-layer 256-wide model, 64 questions, 2 shots)."""
+    from azllm.model import KVCache
+
+    c = KVCache(cfg, batch, 0, device, dtype)  # the masks and counters; no slots yet
+    shape = (cfg.n_layer, batch, cfg.kv_heads, max_len, cfg.head_dim)
+    c.k = torch.empty(shape, device=device, dtype=dtype)
+    c.v = torch.empty_like(c.k)
+    c.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+    c.max_len = max_len
+    return c
 
 
 def _cut(ids: list[int], stops: set[int]) -> list[int]:

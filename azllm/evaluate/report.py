@@ -1,5 +1,6 @@
 """Report cards: a task's summary (accuracy, interval, chance, per subject), the per-question
-file RUN/eval/<task>.json, a markdown table, and the paired comparison of two evaluations.
+file RUN/eval/<task>.json, a markdown table, and the paired comparison of evaluations (each
+run against the first, side by side).
 
 The 95% interval is Wilson's score interval (sound at small n and near 0 or 1, unlike the
 normal approximation). Two models on the same questions are compared by McNemar's exact test on
@@ -187,16 +188,49 @@ def compare(a: str, b: str) -> list[dict]:
     return out
 
 
-def compare_markdown(a: str, b: str, rows: list[dict]) -> str:
-    lines = [
-        f"A = {a}\nB = {b}\n",
-        "| task | n | A | B | B - A | only A right | only B right | McNemar p | beyond noise |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['task']} | {r['n']} | {_pct(r['a'])} | {_pct(r['b'])} | "
-            f"{100 * r['diff']:+.1f} | {r['only_a']} | {r['only_b']} | {r['p_value']:.3g} | "
-            f"{'yes' if r['exceeds_noise'] else 'no'} |"
+def compare_runs(runs: list[str]) -> list[dict]:
+    """`--compare A B C ...`: each later run against the first (the baseline), as compare()
+    does for two; every row also names its pair (`a_run`, `b_run`)."""
+    if len(runs) < 2:
+        raise AzllmError(
+            f"--compare {' '.join(runs)}: needs at least two evaluated runs (A B ...); "
+            "each is compared with the first"
         )
+    return [{**r, "a_run": runs[0], "b_run": b} for b in runs[1:] for r in compare(runs[0], b)]
+
+
+def _label(i: int) -> str:
+    return chr(ord("A") + i) if i < 26 else f"R{i + 1}"
+
+
+def compare_markdown(runs: list[str], rows: list[dict]) -> str:
+    """The runs side by side: one row per task; per later run its accuracy, the difference from
+    the first, the discordant questions, McNemar's p and whether the difference beats noise."""
+    others = runs[1:]
+    head = ["task", "n", "A"]
+    for i in range(1, len(runs)):
+        x = _label(i)
+        head += [x, f"{x} - A", "only A right", f"only {x} right", "McNemar p", "beyond noise"]
+    lines = [*(f"{_label(i)} = {r}" for i, r in enumerate(runs)), ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    for task in tasks:
+        mine = {r["b_run"]: r for r in rows if r["task"] == task}
+        ns = list(dict.fromkeys(str(r["n"]) for r in mine.values()))
+        accs = list(dict.fromkeys(_pct(r["a"]) for r in mine.values()))
+        cells = [task, "/".join(ns), "/".join(accs)]  # several values: pairs saw other questions
+        for b in others:
+            r = mine.get(b)
+            if r is None:
+                cells += ["-"] * 6
+                continue
+            cells += [
+                _pct(r["b"]),
+                f"{100 * r['diff']:+.1f}",
+                str(r["only_a"]),
+                str(r["only_b"]),
+                f"{r['p_value']:.3g}",
+                "yes" if r["exceeds_noise"] else "no",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

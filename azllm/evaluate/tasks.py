@@ -11,7 +11,8 @@ Records:
 - Belebele: {"flores_passage", "question", "mc_answer1".."mc_answer4", "correct_answer_num": "1"};
 - short-answer QA: {"question", "answers": [...]} (or "answer": "text").
 A file is multiple choice when any record has choices; every record is then checked as one. A
-bad record is an AzllmError naming file:line and the field.
+bad record is an AzllmError naming file:line and the field; so is a record of a file without
+choices that looks like multiple choice ("options", or a one-letter answer A-J).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from azllm.errors import AzllmError
 
 BUILTIN = Path(__file__).resolve().parents[1] / "data" / "tasks"
 LETTERS = "ABCDEFGHIJ"
+MC_ALIASES = ("options", "endings", "candidates")  # other datasets' names for "choices"
 
 
 @dataclass
@@ -122,6 +124,16 @@ def _mc_item(rec: dict, where: str, subject: str, item_id: str) -> Item:
 
 
 def _qa_item(rec: dict, where: str, subject: str, item_id: str) -> Item:
+    # multiple choice under another name, or a choice letter with nothing to choose from, is
+    # refused rather than scored as a short answer ("B" compared with the model's text)
+    alias = next((k for k in MC_ALIASES if k in rec), None)
+    letter = rec.get("answer") if "answers" not in rec else None
+    if alias or (isinstance(letter, str) and len(letter) == 1 and letter in LETTERS):
+        found = f"has '{alias}'" if alias else f"answer '{letter}' is a choice letter"
+        raise AzllmError(
+            f"{where}: field 'choices' missing ({found}); a multiple-choice record needs "
+            '"choices": ["...", "..."], a short-answer one "answers": ["..."]'
+        )
     answers = rec.get("answers", rec.get("answer"))
     if isinstance(answers, str):
         answers = [answers]

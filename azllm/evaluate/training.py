@@ -22,12 +22,14 @@ class TaskEval:
     limit: int | None = None
     tasks: list = field(default_factory=list)
 
+    def __post_init__(self) -> None:  # on the command line, before any model is built
+        if self.every < 1:
+            raise AzllmError(f"--eval-tasks-every {self.every}: must be at least 1 (steps)")
+
     def load(self) -> TaskEval:
         """Read and check the task files (before the first step, so a bad file costs nothing)."""
         from azllm.evaluate.tasks import load_tasks
 
-        if self.every < 1:
-            raise AzllmError(f"--eval-tasks-every {self.every}: must be at least 1")
         self.tasks = [t for s in self.specs for t in load_tasks(s)]
         if self.shots and not all(t.dev for t in self.tasks):
             raise AzllmError("--eval-tasks: shots need a dev split in every task")
