@@ -185,7 +185,7 @@ def _task_eval(args, cfg, chat: bool = False):
         return None
     from azllm.evaluate.training import TaskEval
 
-    every = args.eval_tasks_every or cfg.train.eval_interval
+    every = cfg.train.eval_interval if args.eval_tasks_every is None else args.eval_tasks_every
     return TaskEval(args.eval_tasks, every, chat=chat, limit=args.eval_tasks_limit)
 
 
@@ -324,7 +324,7 @@ def cmd_pairs(args) -> int:
 
 def _sft_config_for_tasks(args):
     """The interval --eval-tasks-every defaults to, for sft (the base run's, overridden)."""
-    if not args.eval_tasks or args.eval_tasks_every:
+    if not args.eval_tasks or args.eval_tasks_every is not None:
         return None
     from azllm.config import apply_overrides, load_run_config
 
@@ -463,15 +463,14 @@ def _eval_tasks(args) -> int:
 
 
 def _eval_compare(args) -> int:
-    from azllm.evaluate.report import compare, compare_markdown
+    from azllm.evaluate.report import compare_markdown, compare_runs
 
-    a, b = args.compare
-    rows = compare(a, b)
+    rows = compare_runs(args.compare)  # each run against the first
     if args.json:
         for r in rows:
             print(json.dumps(r))
     else:
-        print(compare_markdown(a, b, rows))
+        print(compare_markdown(args.compare, rows))
     return 0
 
 
@@ -556,6 +555,9 @@ def _overrides(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from azllm.chat.dpo import LOSSES as DPO_LOSSES
+    from azllm.tokenizer import KINDS as TOKENIZER_KINDS
+
     parser = argparse.ArgumentParser(prog="azllm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -568,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="tokenizer.json to write")
     p.add_argument(
         "--kind",
-        choices=("bpe", "sentencepiece-bpe", "sentencepiece-unigram"),
+        choices=TOKENIZER_KINDS,
         default="bpe",
         help="byte-level BPE, or SentencePiece (also writes OUT.model) BPE or unigram",
     )
@@ -626,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="the chat (SFT) run to start from")
     p.add_argument("--data", nargs="+", required=True, help="JSONL pairs (TRL's forms)")
     p.add_argument("--out", required=True, help="the new run directory")
-    p.add_argument("--loss", default="sigmoid", choices=["sigmoid", "robust", "ipo", "simpo"])
+    p.add_argument("--loss", default="sigmoid", choices=DPO_LOSSES)
     p.add_argument("--beta", type=float, default=0.1, help="strength (simpo: reward scale, ~2)")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="sigmoid/robust: [0, 0.5)")
     p.add_argument("--gamma-ratio", type=float, default=0.5, help="simpo: margin / beta")
@@ -684,7 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat", action="store_true", help="chat form: questions as user turns (SFT runs)"
     )
     p.add_argument("--out", help="report-card folder (default RUN/eval, DIR/eval, FILE.eval)")
-    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two evaluated runs side by side")
+    p.add_argument(
+        "--compare", nargs="+", metavar="RUN", help="evaluated runs side by side, each vs the first"
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
@@ -743,11 +747,30 @@ def os_error_line(e: OSError) -> str:
     return f"{where}{e.strerror or e}; {hint}"
 
 
+def _sigterm_raises(args) -> bool:
+    """Commands that start no worker processes: SIGTERM raises there as Ctrl-C does, so a plain
+    `kill` also removes their temporary files (atomic.terminate_raises). Not under torchrun: a
+    rank blocked in a collective would then wait for torchrun's SIGKILL instead of ending."""
+    import os
+
+    from azllm.corpus.download import run_download
+    from azllm.rag.cli import cmd_index
+
+    single = (cmd_tokenizer_train, cmd_tokenize, cmd_train, cmd_sft, cmd_dpo, cmd_qat)
+    single += (cmd_import_hf, cmd_merge, cmd_index, run_download)
+    return args.func in single and os.environ.get("WORLD_SIZE", "1") == "1"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from contextlib import nullcontext
+
+    from azllm.atomic import terminate_raises
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with terminate_raises() if _sigterm_raises(args) else nullcontext():
+            return args.func(args)
     except AzllmError as e:
         print(f"azllm: error: {e}", file=sys.stderr)
         return 2

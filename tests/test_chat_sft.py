@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -247,6 +248,16 @@ def test_sft_length_is_set_in_epochs_unless_steps_are_given(tmp_path, tiny_run):
     out = tmp_path / "steps"
     run_cli("sft", *common, "--out", out, "--epochs", "0.5", "--max-steps", "3")
     assert json.loads((out / "config.json").read_text())["train"]["max_steps"] == 3
+    # A base pretrained with Muon (the presets from baby up) is fine-tuned with AdamW, whose
+    # learning rates SFT's defaults are; --set train.optimizer=muon would still choose Muon.
+    muon_base = tmp_path / "muon-base"
+    shutil.copytree(tiny_run, muon_base)
+    cfg_json = json.loads((muon_base / "config.json").read_text())
+    cfg_json["train"]["optimizer"] = "muon"
+    (muon_base / "config.json").write_text(json.dumps(cfg_json))
+    out = tmp_path / "from-muon"
+    run_cli("sft", *common[2:], "--run", muon_base, "--out", out, "--max-steps", "1")
+    assert json.loads((out / "config.json").read_text())["train"]["optimizer"] == "adamw"
     proc = run_cli("sft", *common, "--out", tmp_path / "x", "--epochs", "0", check=False)
     assert proc.returncode == 2 and "--epochs 0" in proc.stderr
 
@@ -278,3 +289,31 @@ def test_sft_resume_continues_after_the_checkpoint(tmp_path, tiny_run):
         return [(m["step"], m["loss"]) for m in read_metrics(r) if "loss" in m]
 
     assert losses(run) == losses(ref)
+
+
+def test_sft_logs_task_accuracy_in_chat_form(tmp_path, tiny_run):
+    """`azllm sft --eval-tasks`: chat-form task scores in metrics.jsonl at the chosen interval,
+    equal to `azllm eval --chat` on the final weights, and loss.png's second panel."""
+    from PIL import Image
+
+    from azllm.metrics import read_metrics
+
+    chat = shared_path("data", "az", "chat")
+    common = ["--run", tiny_run, "--data", chat, "--precision", "fp32", "--micro-batch", "4",
+              "--max-steps", "4", "--eval-interval", "4", "--eval-tasks", "az-basic",
+              "--eval-tasks-limit", "8"]  # fmt: skip
+    out = tmp_path / "sft"
+    run_cli("sft", *common, "--out", out, "--eval-tasks-every", "2")
+    logged = [r for r in read_metrics(out) if "tasks" in r]
+    assert [r["step"] for r in logged] == [2, 4]
+    assert all(set(r["tasks"]) == {"az-basic-mc", "az-basic-qa"} for r in logged)
+    proc = run_cli("eval", "--run", out, "--tasks", "az-basic", "--limit", "8", "--chat", "--json")
+    final = {s["task"]: s.get("acc", s.get("exact_match")) for s in map(json.loads,
+             proc.stdout.splitlines())}  # fmt: skip
+    assert final == logged[-1]["tasks"]
+    assert Image.open(out / "loss.png").size[1] > 600  # two panels (one panel: 400 px high)
+    for every in ("0", "-2"):  # not the default interval in disguise: refused in one line
+        proc = run_cli("sft", *common, "--out", tmp_path / every, "--eval-tasks-every", every,
+                       check=False)  # fmt: skip
+        assert proc.returncode == 2 and f"--eval-tasks-every {every}" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / every).exists()

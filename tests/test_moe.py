@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import mark_logged_steps
 from export_fixtures import PROMPTS, _data_dir, _workdir, both_logits, held_out_text
 
 from azllm.checkpoint import load_run
@@ -302,7 +303,13 @@ def test_training_logs_the_router_losses_and_resumes_exactly(run):
     shutil.copytree(run, resumed)
     shutil.rmtree(resumed / "checkpoints" / f"step-{STEPS}")
     (resumed / "model.safetensors").unlink()
+    mark_logged_steps(resumed, STEPS // 2)
     _train(resumed.name, resume=True)
+    # continued after the checkpoint (rows up to it untouched), not retrained from step 0
+    logged = [
+        (r["step"], bool(r.get("before_resume"))) for r in read_metrics(resumed) if "loss" in r
+    ]
+    assert logged == [(s, s <= STEPS // 2) for s in range(10, STEPS + 1, 10)]
     a = model_state(load_run(run)[0])
     b = model_state(load_run(resumed)[0])
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -93,9 +93,11 @@ def test_exact_resume_after_a_real_kill(tmp_path, data_dir):
     ]
 
 
-def test_two_process_ddp_matches_one_process(tmp_path, data_dir):
+def test_two_process_ddp_matches_one_process_and_resumes_across_world_sizes(tmp_path, data_dir):
+    import shutil
+
     common = [*TINY, "--data", data_dir, "--max-steps", "8", "--eval-interval", "4",
-              "--ckpt-interval", "8"]  # fmt: skip
+              "--ckpt-interval", "4", "--keep-last", "2"]  # fmt: skip
     one = tmp_path / "one"
     run_cli("train", *common, "--out", one, "--micro-batch", "4", "--grad-accum", "2")
     two = tmp_path / "two"
@@ -107,6 +109,18 @@ def test_two_process_ddp_matches_one_process(tmp_path, data_dir):
     va = [r["val_loss"] for r in read_metrics(one) if "val_loss" in r]
     vb = [r["val_loss"] for r in read_metrics(two) if "val_loss" in r]
     assert va == pytest.approx(vb, rel=1e-4)
+    # As if killed after step 4: the two-process checkpoint resumes on ONE process...
+    shutil.rmtree(two / "checkpoints" / "step-8")
+    mark_logged_steps(two, 4)
+    run_cli("train", *common, "--out", two, "--micro-batch", "4", "--grad-accum", "2", "--resume")
+    assert_resumed_after(two, 4, 8)
+    assert [x for _, x in _losses(two)] == pytest.approx([x for _, x in a], rel=1e-4)
+    # ...and a one-process checkpoint resumes on TWO.
+    shutil.rmtree(one / "checkpoints" / "step-8")
+    mark_logged_steps(one, 4)
+    _torchrun(*common, "--out", one, "--micro-batch", "2", "--grad-accum", "2", "--resume")
+    assert_resumed_after(one, 4, 8)
+    assert [x for _, x in _losses(one)] == pytest.approx([x for _, x in b], rel=1e-4)
 
 
 def _torchrun(*args, nproc=2):
