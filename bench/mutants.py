@@ -500,7 +500,7 @@ MUTANTS = [
       ("tests/test_one_home.py::test_corpus_and_tokenize_split_a_document_alike_at_its_threshold",)),
     M("batch-imports-torch", "azllm/batch.py",
       "if TYPE_CHECKING:  # torch", "if True:  # torch",
-      ("tests/test_one_home.py::test_a_corpus_build_does_not_import_torch",)),
+      ("tests/test_corpus_fastpaths.py::test_a_build_does_not_import_torch_scipy_or_datasketch",)),
     M("mfu-datasheet-over-measured-peak", "azllm/train.py",
       'last["mfu_vs_datasheet_peak"] = flops_s / (vendor_peak * d.world)',
       'last["mfu_vs_datasheet_peak"] = flops_s / (measured_peak * d.world)',

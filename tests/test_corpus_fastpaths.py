@@ -159,14 +159,15 @@ def test_minhash_permutations_are_datasketchs():
         assert np.array_equal(ours[0], a) and np.array_equal(ours[1], b)
 
 
-def test_a_build_does_not_import_scipy_or_datasketch(tmp_path):
-    """They cost ~0.5-1.5 s at every start (and in every worker); the build needs neither."""
+def test_a_build_does_not_import_torch_scipy_or_datasketch(tmp_path):
+    """They cost ~0.5-3 s at every start (and in every worker); the build needs none of them
+    (corpus/ never imports torch, DESIGN.md)."""
     src = tmp_path / "a.txt"
     src.write_text("Bakı Azərbaycanın paytaxtı və ən böyük şəhəridir, Xəzər sahilindədir.\n")
     code = (
         "import sys; from azllm.corpus.pipeline import build_corpus; "
         f"build_corpus([{str(src)!r}], {str(tmp_path / 'out')!r}, workers=1, progress=False); "
-        "print(sorted({m.split('.')[0] for m in sys.modules} & {'scipy', 'datasketch'}))"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'scipy', 'datasketch', 'torch'}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and out.stdout.strip().endswith("[]"), out.stdout + out.stderr

@@ -11,8 +11,6 @@ import io
 import lzma
 import math
 import struct
-import subprocess
-import sys
 import types
 import warnings
 from pathlib import Path
@@ -138,22 +136,6 @@ def test_corpus_and_tokenize_split_a_document_alike_at_its_threshold(tmp_path):
                 assert writer.split_of(text) == want == _tokenize_split(text, f), (text, f)
     finally:
         writer.close()
-
-
-def test_a_corpus_build_does_not_import_torch(tmp_path):
-    """corpus/ never imports torch (DESIGN.md): ~3 s at every start, in every worker."""
-    src = tmp_path / "a.txt"
-    src.write_text("Bakı Azərbaycanın paytaxtı və ən böyük şəhəridir, Xəzər sahilindədir.\n")
-    code = (
-        "import sys; from azllm.corpus.pipeline import build_corpus; "
-        f"build_corpus([{str(src)!r}], {str(tmp_path / 'out')!r}, workers=1, progress=False); "
-        "print('torch' in sys.modules)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 0 and out.stdout.strip().endswith("False"), out.stdout + out.stderr
-
-
-# ---- MFU: against the measured peak, and against the datasheet on a listed GPU ---------------
 
 
 def test_a_listed_gpu_logs_mfu_against_its_datasheet_peak(monkeypatch, data_dir, tmp_path):
