@@ -135,7 +135,7 @@ def test_bf16_states_halve_and_track_fp32():
 
 
 def test_plan_counts_one_state_per_matrix():
-    cfg = load_config("baby")
+    cfg = apply_overrides(load_config("baby"), {"train.optimizer": "adamw"})  # baby's is muon
     p = param_counts(cfg.model)
     model = GPT(cfg.model)
     mats = sum(
