@@ -154,7 +154,7 @@ class TrainConfig:
     moe_aux_loss: float = 0.01  # n_experts > 0: load-balancing loss coefficient (Switch's 0.01)
     moe_z_loss: float = 0.0  # n_experts > 0: router z-loss coefficient (ST-MoE: 0.001)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 100
+    warmup_steps: int = -1  # -1: derived from the optimizer and beta2 (derived_warmup)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -225,8 +225,11 @@ class TrainConfig:
                 "train.lora_rank must be 0 (off) or positive, train.lora_alpha positive; "
                 "train.qlora needs train.lora_rank > 0"
             )
-        if self.warmup_steps < 0 or self.global_batch < 0:
-            raise AzllmError("train.warmup_steps and train.global_batch must not be negative")
+        if self.warmup_steps < -1 or self.global_batch < 0:
+            raise AzllmError(
+                "train.warmup_steps must be -1 (derived), 0 or positive; "
+                "train.global_batch must not be negative"
+            )
 
 
 @dataclass
@@ -269,13 +272,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": dict(
             n_layer=6, n_head=6, n_embd=384, block_size=192, vocab_size=8192, **RECIPE_MODEL
         ),
-        "train": dict(micro_batch=16, grad_accum=2, warmup_steps=50, **RECIPE_TRAIN),  # lr 1.0e-3
+        "train": dict(micro_batch=16, grad_accum=2, **RECIPE_TRAIN),  # lr 1.0e-3, no warmup
     },
     "small": {  # ~30M parameters
         "model": dict(
             n_layer=8, n_head=8, n_embd=512, block_size=512, vocab_size=16384, **RECIPE_MODEL
         ),
-        "train": dict(micro_batch=8, grad_accum=8, warmup_steps=200, **RECIPE_TRAIN),  # lr 8.1e-4
+        "train": dict(micro_batch=8, grad_accum=8, **RECIPE_TRAIN),  # lr 8.1e-4, no warmup
     },
     "az-100m": {  # ~100M parameters at context 1024 (the course's RTX 2050 target)
         "model": dict(
@@ -290,7 +293,6 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "train": dict(
             micro_batch=4,
             grad_accum=32,  # lr derived: 5.9e-4
-            warmup_steps=500,
             activation_checkpointing=True,
             max_steps=20000,
             **RECIPE_TRAIN,
@@ -311,7 +313,6 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "train": dict(
             micro_batch=4,
             grad_accum=32,
-            warmup_steps=1000,
             activation_checkpointing=True,
             max_steps=40000,
             **RECIPE_TRAIN,
@@ -331,7 +332,6 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "train": dict(
             micro_batch=2,
             grad_accum=64,
-            warmup_steps=2000,
             activation_checkpointing=True,
             max_steps=60000,
             **RECIPE_TRAIN,
@@ -354,10 +354,27 @@ def derived_lr(m: ModelConfig) -> float:
     return 1e-3 * (384 / m.n_embd) ** 0.75
 
 
+def derived_warmup(tc: TrainConfig) -> int:
+    """Warmup steps when train.warmup_steps is -1: none with Muon; with AdamW Adam's own rule of
+    thumb, 2 / (1 - beta2) steps (40 at beta2 0.95: the time its second-moment estimate needs to
+    average over enough gradients), at most a tenth of the run.
+
+    Measured in bench/arch_options.py --only schedule (bench/README.md, "Warmup and batch"):
+    with Muon, no warmup was best or within noise of the best at every width tried (0.6% ahead
+    of a 10% warmup at 64 and 128 wide, within 0.2% at 256 and at baby's 384), so the warmup is
+    not a function of the model's size; with AdamW the widths disagreed, so Adam's rule stays."""
+    if tc.optimizer == "muon":
+        return 0
+    return min(round(2 / (1 - tc.beta2)), tc.max_steps // 10)
+
+
 def fill_derived(cfg: Config) -> Config:
-    """Write the derived training values (train.lr = 0) into cfg, in place; returns cfg."""
+    """Write the derived training values (train.lr = 0, train.warmup_steps = -1) into cfg, in
+    place; returns cfg."""
     if cfg.train.lr == 0:
         cfg.train.lr = derived_lr(cfg.model)
+    if cfg.train.warmup_steps < 0:
+        cfg.train.warmup_steps = derived_warmup(cfg.train)
     return cfg
 
 

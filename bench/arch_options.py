@@ -2,6 +2,11 @@
 
     python bench/arch_options.py --data ../shared/data/az/pretrain --steps 300 --json out.json
     python bench/arch_options.py --data DIR --only lr      # just the width/lr sweep
+    python bench/arch_options.py --data DIR --only schedule --precision bf16  # warmup, batch
+
+`--only schedule` runs the recipe of `baby` and up (Muon + QK-norm) at three widths and varies
+one of warmup, the lr floor, Muon's lr and the batch (at equal tokens: a smaller batch takes
+more steps): does the best value move with the width? (issue 13, item 3).
 
 Every arm is a real `azllm.train.train` run of the same small llama (4 layers, 4 heads, context
 128, fp32, one seed: the same batches in the same order) that differs from the baseline in one
@@ -51,21 +56,57 @@ def run_arm(shards: Path, work: Path, name: str, model: dict, tr: dict, args) ->
     cfg = config_from_dict(
         {
             "model": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128, **model},
-            "train": dict(
-                micro_batch=16, grad_accum=1, max_steps=args.steps, warmup_steps=args.steps // 10,
-                eval_interval=args.steps, eval_batches=args.eval_batches,
-                log_interval=args.steps, ckpt_interval=args.steps, keep_last=1,
-                precision="fp32", device="cpu", seed=args.seed, **tr,
-            ),
+            "train": {
+                **dict(
+                    micro_batch=16, grad_accum=1, max_steps=args.steps,
+                    warmup_steps=args.steps // 10, eval_batches=args.eval_batches, keep_last=1,
+                    precision=args.precision, device="cpu", seed=args.seed,
+                ),
+                **tr,
+            },
         }
     )  # fmt: skip
+    steps = cfg.train.max_steps  # one evaluation, log and checkpoint: at the end
+    cfg.train.eval_batches = args.eval_batches * 16 // cfg.train.micro_batch  # the same tokens
+    cfg.train.eval_interval = cfg.train.log_interval = cfg.train.ckpt_interval = steps
     t0 = time.perf_counter()
     safe = "".join(c if c.isalnum() else "_" for c in name)
     last = train(cfg, shards, work / f"run-{safe}-{args.seed}", progress=False)
     row = {"arm": name, "val_bpb": last["val_bpb"], "seconds": time.perf_counter() - t0,
-           "lr": cfg.train.lr, "n_embd": cfg.model.n_embd}  # fmt: skip
+           "lr": cfg.train.lr, "n_embd": cfg.model.n_embd, "seed": args.seed,
+           "steps": cfg.train.max_steps, "warmup": cfg.train.warmup_steps}  # fmt: skip
     print(json.dumps(row), flush=True)
     return row
+
+
+def schedule_sweep(shards: Path, work: Path, args) -> list[dict]:
+    """The recipe (Muon + QK-norm, warmup 10% of the steps) at each width, and one change at a
+    time; AdamW (no QK-norm: `tiny`'s recipe) for its warmup. Batch arms keep the tokens: batch
+    8 runs twice the steps of 16, warmup 10% of its steps."""
+    rows, n = [], args.steps
+    muon, adamw = {"optimizer": "muon"}, {"optimizer": "adamw"}
+
+    def batch(b: int) -> dict:
+        return {"micro_batch": b, "max_steps": n * 16 // b, "warmup_steps": n * 16 // b // 10}
+
+    arms = {
+        "base": muon,
+        "warmup 0": {**muon, "warmup_steps": 0},
+        "warmup 30%": {**muon, "warmup_steps": n * 3 // 10},
+        "floor 0": {**muon, "min_lr_ratio": 0.0},
+        "muon_lr x2": {**muon, "muon_lr": 0.04},
+        **{f"batch {b}": {**muon, **batch(b)} for b in (4, 8, 32)},
+        "adamw": adamw,
+        "adamw warmup 0": {**adamw, "warmup_steps": 0},
+        "adamw warmup 30%": {**adamw, "warmup_steps": n * 3 // 10},
+    }
+    for width in (int(w) for w in args.widths.split(",")):
+        for arm, tr in arms.items():
+            name = f"w{width} {arm}"
+            model = {"n_embd": width, "n_head": 4, "qk_norm": tr["optimizer"] == "muon"}
+            if not args.arms or name in args.arms:
+                rows.append(run_arm(shards, work, name, model, tr, args))
+    return rows
 
 
 def main() -> None:
@@ -77,7 +118,9 @@ def main() -> None:
     ap.add_argument("--eval-batches", type=int, default=40)
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", choices=("options", "lr"), default=None)
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--widths", default="64,128,256", help="--only schedule: the widths")
+    ap.add_argument("--only", choices=("options", "lr", "schedule"), default=None)
     ap.add_argument("--arms", nargs="*", help="run only these arms (names as printed)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -97,6 +140,8 @@ def main() -> None:
                 model, name = {"n_embd": width, "n_head": heads}, f"w{width} lr x{mult}"
                 if not args.arms or name in args.arms:
                     rows.append(run_arm(shards, work, name, model, {"lr": base * mult}, args))
+    if args.only == "schedule":
+        rows += schedule_sweep(shards, work, args)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

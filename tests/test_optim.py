@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from azllm.config import apply_overrides, derived_lr, fill_derived, load_config
+from azllm.config import apply_overrides, derived_lr, derived_warmup, fill_derived, load_config
 from azllm.errors import AzllmError
 from azllm.model import GPT
 from azllm.optim import AdamWBf16State, lr_at, make_adamw, make_optimizer
@@ -56,4 +56,30 @@ def test_lr_follows_width_when_not_set(tmp_path):
     cfg.model.vocab_size = 64
     opt = make_optimizer(GPT(cfg.model), cfg.train, torch.device("cpu"))
     assert cfg.train.lr == opt.param_groups[0]["lr"] == derived_lr(cfg.model)
-    assert lr_at(cfg.train.warmup_steps, cfg.train) == pytest.approx(cfg.train.lr)
+    assert lr_at(1, cfg.train) == pytest.approx(cfg.train.lr, rel=1e-5)  # Muon: no warmup
+
+
+def test_warmup_follows_the_optimizer_when_not_set(tmp_path):
+    """train.warmup_steps = -1 (the default): none with Muon (the presets from baby up), Adam's
+    2 / (1 - beta2) steps with AdamW, at most a tenth of the run; a set value is kept."""
+    baby = load_config("baby")
+    assert baby.train.warmup_steps == -1 and baby.train.optimizer == "muon"
+    assert derived_warmup(baby.train) == 0 and fill_derived(baby).train.warmup_steps == 0
+    adamw = apply_overrides(load_config("baby"), {"optimizer": "adamw", "max_steps": 2000})
+    assert derived_warmup(adamw.train) == 40  # beta2 0.95
+    adamw.train.beta2 = 0.99
+    assert derived_warmup(adamw.train) == 200
+    adamw.train.max_steps = 300  # a short run warms up for at most a tenth of it
+    assert fill_derived(adamw).train.warmup_steps == 30
+    assert (
+        fill_derived(apply_overrides(load_config("baby"), {"warmup_steps": 7})).train.warmup_steps
+        == 7
+    )
+    # lr_at resolves -1 the same way, also when nothing filled it in (benchmarks' own loops)
+    tc = apply_overrides(load_config("baby"), {"optimizer": "adamw", "lr": 1e-3}).train
+    assert tc.warmup_steps == -1
+    assert lr_at(20, tc) == pytest.approx(0.5e-3) and lr_at(40, tc) == pytest.approx(1e-3)
+    muon = apply_overrides(load_config("baby"), {"lr": 1e-3}).train
+    assert lr_at(1, muon) == pytest.approx(1e-3, rel=1e-4)  # no warmup: the peak at step 1
+    with pytest.raises(AzllmError, match="warmup_steps must be -1"):
+        apply_overrides(load_config("baby"), {"warmup_steps": -2}).validate()

@@ -27,6 +27,7 @@ from azllm.config import (
     TrainConfig,
     apply_overrides,
     derived_lr,
+    derived_warmup,
 )
 from azllm.errors import AzllmError
 
@@ -184,11 +185,12 @@ def default_space(cfg: Config, fixed_batch: bool = False) -> dict[str, Param]:
     equal steps but 1.08x at equal tokens."""
     tc = cfg.train
     lr = tc.lr or derived_lr(cfg.model)  # train.lr = 0: derived from the width (config.py)
+    warmup = tc.warmup_steps if tc.warmup_steps >= 0 else derived_warmup(tc)  # -1: derived
     mb, ga = tc.micro_batch, tc.grad_accum
     accums = tuple(sorted({max(1, ga // 2), ga, 2 * ga, 4 * ga}))
     space = {
         "train.lr": Param("train.lr", "float", lr / 8, lr * 8, log=True),
-        "train.warmup_steps": Param("train.warmup_steps", "int", 0, max(10, 4 * tc.warmup_steps)),
+        "train.warmup_steps": Param("train.warmup_steps", "int", 0, max(10, 4 * warmup)),
         "train.weight_decay": Param("train.weight_decay", "float", 0.0, 0.2),
         "train.beta2": Param("train.beta2", "float", 0.9, 0.999),
         "train.micro_batch": Param(
@@ -248,6 +250,8 @@ def baseline_params(cfg: Config, space: dict[str, Param]) -> dict[str, Any]:
         out[key] = d[section][name]
         if key == "train.lr" and not out[key]:  # 0: derived from the width; the same lr, named
             out[key] = derived_lr(cfg.model)
+        if key == "train.warmup_steps" and out[key] < 0:  # -1: derived; the same warmup, named
+            out[key] = derived_warmup(cfg.train)
         if not space[key].contains(out[key]):
             return {}
     return out
