@@ -228,17 +228,20 @@ PEAKED_BPB = {"llama": 2.56, "gpt2": 2.8}
 # Relative difference of llama.cpp's bits per byte on the held-out text from our full-precision
 # model's (the quality each type loses), about 3x the larger of the two trained models'
 # measured differences (f32 3.0e-6, f16 4.4e-6, q8_0 1.2e-4, q4_0 9.8e-4, q4_k_m 1.1e-3,
-# q5_k_m 4.3e-4).
-BPB_TOLERANCE = {"f32": 1e-5, "f16": 1.5e-5, "q8_0": 4e-4, "q4_0": 3e-3, "q4_k_m": 3.5e-3,
+# q5_k_m 4.3e-4 on an Intel CPU with AMX; on an AMD one with AVX512-BF16 all within those but
+# q4_0, 2.2e-3: llama.cpp's kernels differ between the two).
+BPB_TOLERANCE = {"f32": 1e-5, "f16": 1.5e-5, "q8_0": 4e-4, "q4_0": 6.5e-3, "q4_k_m": 3.5e-3,
                  "q5_k_m": 1.3e-3}  # fmt: skip
 
 # Relative difference of llama.cpp's bits per byte from our model at the file's own weights
 # (azllm.quant: fake-quantized as the export writes them, with llama.cpp's CPU rounding emulated),
-# about 3x the measured (q8_0: llama 1.5e-5, gpt2 7.2e-6; q4_0: llama 4.0e-6, gpt2 2.1e-6).
+# about 3x the measured (q8_0: llama 1.5e-5, gpt2 7.2e-6; q4_0: llama 4.0e-6, gpt2 2.1e-6 on an
+# Intel CPU with AMX; on an AMD one with AVX512-BF16 q8_0 7.9e-6, 2.1e-6, q4_0 1.3e-5, 2.1e-5).
 # A wrong type for one tensor shows here though it hides in the quality loss above: the Q4_0 file
 # with its output layer at 4 bits instead of Q8_0 is off by 6.9e-4 (llama) and 2.1e-5 (gpt2)
-# while its loss against full precision (1.2e-3, 1.0e-3) stays within BPB_TOLERANCE.
-SAME_WEIGHTS_BPB = {"q8_0": 5e-5, "q4_0": 1.2e-5}
+# while its loss against full precision (1.2e-3, 1.0e-3) stays within BPB_TOLERANCE; the llama
+# model tells it apart on both CPUs, gpt2's 2.1e-5 no longer does on the AMD one.
+SAME_WEIGHTS_BPB = {"q8_0": 5e-5, "q4_0": 6e-5}
 
 
 def test_every_type_has_a_bpb_tolerance():

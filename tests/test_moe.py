@@ -440,9 +440,11 @@ def test_llama_cpp_logits_equal_ours(run, ggufs, kind):
             assert ours.std() > 0.5
 
 
-# Relative bits-per-byte difference llama.cpp vs ours on the held-out text, about 5x the
-# measured: f32 7.2e-7, f16 5.5e-7, q8_0 3.3e-5, q4_k_m 1.1e-4 (the bar: 1%).
-BPB = {"f32": 4e-6, "f16": 4e-6, "q8_0": 2e-4, "q4_k_m": 6e-4}
+# Relative bits-per-byte difference llama.cpp vs ours on the held-out text, about 3x the larger
+# measured on two CPUs (Intel with AMX / AMD with AVX512-BF16: llama.cpp's kernels differ):
+# f32 7.2e-7 / 9.7e-6, f16 5.5e-7 / 2.0e-5, q8_0 3.3e-5 / 7.8e-6, q4_k_m 1.1e-4 / 3.4e-4 (the
+# issue's bar: 1%).
+BPB = {"f32": 3e-5, "f16": 6e-5, "q8_0": 2e-4, "q4_k_m": 1e-3}
 
 
 def test_llama_cpp_bits_per_byte_close_to_ours(run, ggufs, tmp_path):

@@ -101,8 +101,10 @@ def test_muon_step_temporaries_are_what_the_plan_counts(preset):
     opt.step()  # the momentum buffers exist from here on, as in training
     got, _ = _profiled(opt.step)
     counts = param_counts(cfg.model)
-    # measured: 20.2-22.3 bytes per stacked element for tiny, baby and az-100m shapes
-    assert 22 * counts.muon_stack == pytest.approx(got, rel=0.1)
+    # measured: 20.2-22.3 bytes per stacked element for tiny, baby and az-100m shapes on a CPU
+    # with AMX, 19.6 for az-100m on one with AVX512-BF16 only (oneDNN's scratch differs): the
+    # plan's 22 may overcount by a tenth or so, never undercount by more than a few percent
+    assert 0.8 <= got / (22 * counts.muon_stack) <= 1.1
     # the step's temporaries are the larger of the stacks' and AdamW's (the embedding's, unless
     # the vocabulary is small)
     small_vocab = param_counts(apply_overrides(cfg, {"model.vocab_size": 256}).model)
