@@ -368,13 +368,17 @@ def derived_warmup(tc: TrainConfig) -> int:
     return min(round(2 / (1 - tc.beta2)), tc.max_steps // 10)
 
 
+def warmup_of(tc: TrainConfig) -> int:
+    """The warmup a run uses: train.warmup_steps, or derived_warmup when it is -1."""
+    return tc.warmup_steps if tc.warmup_steps >= 0 else derived_warmup(tc)
+
+
 def fill_derived(cfg: Config) -> Config:
     """Write the derived training values (train.lr = 0, train.warmup_steps = -1) into cfg, in
     place; returns cfg."""
     if cfg.train.lr == 0:
         cfg.train.lr = derived_lr(cfg.model)
-    if cfg.train.warmup_steps < 0:
-        cfg.train.warmup_steps = derived_warmup(cfg.train)
+    cfg.train.warmup_steps = warmup_of(cfg.train)
     return cfg
 
 

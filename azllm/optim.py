@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from azllm.config import MUON_STACK_ELEMENTS, derived_lr, derived_warmup
+from azllm.config import MUON_STACK_ELEMENTS, derived_lr, warmup_of
 from azllm.device import cpu_has_fast_bf16
 from azllm.errors import AzllmError
 
@@ -229,7 +229,7 @@ def lr_at(step: int, tc, elapsed_s: float = 0.0) -> float:
     Progress through the decay is the larger of step / max_steps and, when the run has a time
     budget (train.max_minutes), elapsed time / budget: the schedule ends when the clock does.
     """
-    warmup = tc.warmup_steps if tc.warmup_steps >= 0 else derived_warmup(tc)
+    warmup = warmup_of(tc)
     if step <= warmup:
         return tc.lr * step / max(warmup, 1)
     progress = (step - warmup) / max(tc.max_steps - warmup, 1)

@@ -27,7 +27,7 @@ from azllm.config import (
     TrainConfig,
     apply_overrides,
     derived_lr,
-    derived_warmup,
+    warmup_of,
 )
 from azllm.errors import AzllmError
 
@@ -185,7 +185,7 @@ def default_space(cfg: Config, fixed_batch: bool = False) -> dict[str, Param]:
     equal steps but 1.08x at equal tokens."""
     tc = cfg.train
     lr = tc.lr or derived_lr(cfg.model)  # train.lr = 0: derived from the width (config.py)
-    warmup = tc.warmup_steps if tc.warmup_steps >= 0 else derived_warmup(tc)  # -1: derived
+    warmup = warmup_of(tc)  # -1: derived (config.py)
     mb, ga = tc.micro_batch, tc.grad_accum
     accums = tuple(sorted({max(1, ga // 2), ga, 2 * ga, 4 * ga}))
     space = {
@@ -250,8 +250,8 @@ def baseline_params(cfg: Config, space: dict[str, Param]) -> dict[str, Any]:
         out[key] = d[section][name]
         if key == "train.lr" and not out[key]:  # 0: derived from the width; the same lr, named
             out[key] = derived_lr(cfg.model)
-        if key == "train.warmup_steps" and out[key] < 0:  # -1: derived; the same warmup, named
-            out[key] = derived_warmup(cfg.train)
+        if key == "train.warmup_steps":  # -1: derived; the same warmup, named
+            out[key] = warmup_of(cfg.train)
         if not space[key].contains(out[key]):
             return {}
     return out
