@@ -146,7 +146,7 @@ class TrainConfig:
     global_batch: int = 0  # sequences per step over all processes; 0: micro_batch*grad_accum*world
     max_steps: int = 2000
     max_minutes: float = 0.0  # >0: also stop after this much training wall time (one process)
-    lr: float = 0.0  # AdamW's peak lr; 0: derived from the model's width (derived_lr)
+    lr: float = 0.0  # AdamW's peak lr; 0: derived from the width and optimizer (derived_lr)
     optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
     muon_lr: float = 0.02  # Muon's peak lr (same schedule shape as lr); width-independent
     muon_momentum: float = 0.95
@@ -272,13 +272,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": dict(
             n_layer=6, n_head=6, n_embd=384, block_size=192, vocab_size=8192, **RECIPE_MODEL
         ),
-        "train": dict(micro_batch=16, grad_accum=2, **RECIPE_TRAIN),  # lr 1.0e-3, no warmup
+        "train": dict(micro_batch=16, grad_accum=2, **RECIPE_TRAIN),  # lr derived: 0.033, no warmup
     },
     "small": {  # ~30M parameters
         "model": dict(
             n_layer=8, n_head=8, n_embd=512, block_size=512, vocab_size=16384, **RECIPE_MODEL
         ),
-        "train": dict(micro_batch=8, grad_accum=8, **RECIPE_TRAIN),  # lr 8.1e-4, no warmup
+        "train": dict(micro_batch=8, grad_accum=8, **RECIPE_TRAIN),  # lr derived: 0.028, no warmup
     },
     "az-100m": {  # ~100M parameters at context 1024 (the course's RTX 2050 target)
         "model": dict(
@@ -292,7 +292,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         ),
         "train": dict(
             micro_batch=4,
-            grad_accum=32,  # lr derived: 5.9e-4
+            grad_accum=32,  # lr derived: 0.023
             activation_checkpointing=True,
             max_steps=20000,
             **RECIPE_TRAIN,
@@ -342,15 +342,25 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 PRESET_VRAM_GB = {"az-300m": 8, "az-1b": 16}
 
 
-def derived_lr(m: ModelConfig) -> float:
+def derived_lr(m: ModelConfig, optimizer: str = "adamw") -> float:
     """AdamW's peak learning rate for a model of this width, when train.lr is 0.
 
-    muP-style: the best Adam lr of hidden matrices falls with width. 1e-3 * (384 / n_embd)^0.75
-    reproduces the presets' former hand-set values (baby 1e-3, small 8e-4, az-100m 6e-4, within
-    3%) and was the best of x0.5/x1/x2 at widths 64 and 128 in bench/arch_options.py (bench/
-    README.md, "Recipe options and width-aware learning rates"). Muon's lr does not need it:
-    its updates are orthogonalised, so their size does not grow with width.
+    optimizer "adamw" (every parameter): muP-style, the best Adam lr of hidden matrices falls
+    with width. 1e-3 * (384 / n_embd)^0.75 reproduces the presets' former hand-set values (baby
+    1e-3, small 8e-4, az-100m 6e-4, within 3%) and was the best of x0.5/x1/x2 at widths 64 and
+    128 in bench/arch_options.py (bench/README.md, "Recipe options and width-aware learning
+    rates").
+
+    optimizer "muon": AdamW then trains only the token embedding (tied to the head) and the
+    norms' gains, which are not hidden matrices, and their best lr is an order of magnitude
+    higher: 0.04 * (256 / n_embd)^0.5 (nanochat scales its AdamW lrs by width^-0.5 too). Measured
+    with `arch_options.py --only recipe`: the rule above x30 was the best of x0.5 ... x30 and an
+    absolute 0.1-0.2 at widths 128 and 256 (-10.7% and -9.5% bpb against x1). Muon's own lr
+    (train.muon_lr) does not follow the width: its updates are orthogonalised, so their size does
+    not grow with it.
     """
+    if optimizer == "muon":
+        return 0.04 * (256 / m.n_embd) ** 0.5
     return 1e-3 * (384 / m.n_embd) ** 0.75
 
 
@@ -368,6 +378,11 @@ def derived_warmup(tc: TrainConfig) -> int:
     return min(round(2 / (1 - tc.beta2)), tc.max_steps // 10)
 
 
+def lr_of(m: ModelConfig, tc: TrainConfig) -> float:
+    """The (AdamW) lr a run uses: train.lr, or derived_lr when it is 0."""
+    return tc.lr or derived_lr(m, tc.optimizer)
+
+
 def warmup_of(tc: TrainConfig) -> int:
     """The warmup a run uses: train.warmup_steps, or derived_warmup when it is -1."""
     return tc.warmup_steps if tc.warmup_steps >= 0 else derived_warmup(tc)
@@ -376,8 +391,7 @@ def warmup_of(tc: TrainConfig) -> int:
 def fill_derived(cfg: Config) -> Config:
     """Write the derived training values (train.lr = 0, train.warmup_steps = -1) into cfg, in
     place; returns cfg."""
-    if cfg.train.lr == 0:
-        cfg.train.lr = derived_lr(cfg.model)
+    cfg.train.lr = lr_of(cfg.model, cfg.train)
     cfg.train.warmup_steps = warmup_of(cfg.train)
     return cfg
 

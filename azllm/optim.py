@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from azllm.config import MUON_STACK_ELEMENTS, derived_lr, warmup_of
+from azllm.config import MUON_STACK_ELEMENTS, lr_of, warmup_of
 from azllm.device import cpu_has_fast_bf16
 from azllm.errors import AzllmError
 
@@ -182,12 +182,11 @@ def make_adamw(groups, *, lr: float, betas, state: str, device: torch.device):
 def make_optimizer(model: torch.nn.Module, tc, device: torch.device) -> torch.optim.Optimizer:
     """The optimizer of a TrainConfig, with its parameter groups.
 
-    train.lr = 0 (derive) is filled in from the model's width here (config.fill_derived), so
+    train.lr = 0 (derive) is filled in from the model's width here (config.lr_of), so
     every caller's lr_at(step, tc) follows. A group with "lr_scale" runs at lr * lr_scale
     (step.TrainStep): Muon's matrices at train.muon_lr on the same schedule shape.
     """
-    if tc.lr == 0:
-        tc.lr = derived_lr(model.cfg)
+    tc.lr = lr_of(model.cfg, tc)
     if tc.optimizer == "muon":
         return make_muon(model, tc)
     # Matrices decay; biases and norm gains do not (decaying them only hurts).

@@ -3,10 +3,12 @@
     python bench/arch_options.py --data ../shared/data/az/pretrain --steps 300 --json out.json
     python bench/arch_options.py --data DIR --only lr      # just the width/lr sweep
     python bench/arch_options.py --data DIR --only schedule --precision bf16  # warmup, batch
+    python bench/arch_options.py --data DIR --only recipe --precision bf16  # around the defaults
 
 `--only schedule` runs the recipe of `baby` and up (Muon + QK-norm) at three widths and varies
 one of warmup, the lr floor, Muon's lr and the batch (at equal tokens: a smaller batch takes
-more steps): does the best value move with the width? (issue 13, item 3).
+more steps): does the best value move with the width? (issue 13, item 3). `--only recipe` starts
+from the recipe as shipped (derived lr and warmup) and moves one of its other settings.
 
 Every arm is a real `azllm.train.train` run of the same small llama (4 layers, 4 heads, context
 128, fp32, one seed: the same batches in the same order) that differs from the baseline in one
@@ -109,6 +111,36 @@ def schedule_sweep(shards: Path, work: Path, args) -> list[dict]:
     return rows
 
 
+def recipe_sweep(shards: Path, work: Path, args) -> list[dict]:
+    """The recipe as the presets ship it (Muon + QK-norm, derived lr and warmup) at each width,
+    and one of its other settings moved: AdamW's lr (under Muon: the embeddings, tied head and
+    gains) around the derived one, as multiples of the AdamW-only rule (what Muon runs derived
+    before) and absolute; Muon's lr and momentum; the lr floor."""
+    rows = []
+    for width in (int(w) for w in args.widths.split(",")):
+        m = config_from_dict({"model": {"n_embd": width}}).model
+        lr, adamw_rule = derived_lr(m, "muon"), derived_lr(m, "adamw")
+        arms = {
+            "recipe": {},
+            "lr x0.5": {"lr": lr / 2},
+            "lr x2": {"lr": lr * 2},
+            **{f"adamw rule x{k}": {"lr": adamw_rule * k} for k in (0.5, 1, 3, 10, 30)},
+            "lr 0.1": {"lr": 0.1},
+            "lr 0.2": {"lr": 0.2},
+            "muon_lr 0.01": {"muon_lr": 0.01},
+            "muon_lr 0.03": {"muon_lr": 0.03},
+            "momentum 0.9": {"muon_momentum": 0.9},
+            "floor 0.3": {"min_lr_ratio": 0.3},
+        }
+        for arm, tr in arms.items():
+            name = f"w{width} {arm}"
+            model = {"n_embd": width, "n_head": 4, "qk_norm": True}
+            if not args.arms or name in args.arms:
+                tr = {"optimizer": "muon", "warmup_steps": -1, **tr}
+                rows.append(run_arm(shards, work, name, model, tr, args))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True)
@@ -120,7 +152,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--widths", default="64,128,256", help="--only schedule: the widths")
-    ap.add_argument("--only", choices=("options", "lr", "schedule"), default=None)
+    ap.add_argument("--only", choices=("options", "lr", "schedule", "recipe"), default=None)
     ap.add_argument("--arms", nargs="*", help="run only these arms (names as printed)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -135,13 +167,15 @@ def main() -> None:
     if args.only in (None, "lr"):
         # Around the width-aware default: does the best multiplier stay at 1 as width changes?
         for width, heads in ((64, 4), (128, 4), (256, 4)):
-            base = derived_lr(config_from_dict({"model": {"n_embd": width}}).model)
+            base = derived_lr(config_from_dict({"model": {"n_embd": width}}).model, "adamw")
             for mult in (0.5, 1.0, 2.0):
                 model, name = {"n_embd": width, "n_head": heads}, f"w{width} lr x{mult}"
                 if not args.arms or name in args.arms:
                     rows.append(run_arm(shards, work, name, model, {"lr": base * mult}, args))
     if args.only == "schedule":
         rows += schedule_sweep(shards, work, args)
+    if args.only == "recipe":
+        rows += recipe_sweep(shards, work, args)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

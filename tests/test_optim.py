@@ -35,28 +35,36 @@ def test_8bit_states_need_cuda_and_bitsandbytes():
 
 
 def test_lr_follows_width_when_not_set(tmp_path):
-    """train.lr = 0 (the default): AdamW's peak lr from the width, lr ~ n_embd^-0.75 (the
-    presets' former hand-set values: baby 1e-3, small 8e-4, az-100m 6e-4, within 3%)."""
+    """train.lr = 0 (the default): the AdamW lr from the width and the optimizer. AdamW on every
+    parameter: lr ~ n_embd^-0.75 (the presets' former hand-set values: baby 1e-3, small 8e-4,
+    az-100m 6e-4, within 3%). Under Muon (the presets from baby up) AdamW trains only the
+    embeddings and gains: 0.04 * (256 / n_embd)^0.5, an order of magnitude higher."""
     hand_set = {"baby": 1e-3, "small": 8e-4, "az-100m": 6e-4}
     for preset, lr in hand_set.items():
         cfg = load_config(preset)
-        assert cfg.train.lr == 0
-        assert derived_lr(cfg.model) == pytest.approx(lr, rel=0.03)
-        assert fill_derived(cfg).train.lr == derived_lr(cfg.model)
+        assert cfg.train.lr == 0 and cfg.train.optimizer == "muon"
+        assert derived_lr(cfg.model, "adamw") == pytest.approx(lr, rel=0.03)
+        adamw = apply_overrides(cfg, {"optimizer": "adamw"})
+        assert fill_derived(adamw).train.lr == derived_lr(cfg.model, "adamw")
+        muon = derived_lr(cfg.model, "muon")
+        assert muon == pytest.approx(0.04 * (256 / cfg.model.n_embd) ** 0.5)
+        assert fill_derived(cfg).train.lr == muon > 10 * lr
     narrow, wide = (apply_overrides(load_config("baby"), {"model.n_embd": w}) for w in (192, 768))
     assert derived_lr(narrow.model) / derived_lr(wide.model) == pytest.approx(4**0.75)
+    assert derived_lr(narrow.model, "muon") / derived_lr(wide.model, "muon") == pytest.approx(2)
     # set by the user: kept
     assert fill_derived(apply_overrides(load_config("baby"), {"lr": 2e-3})).train.lr == 2e-3
     toml = tmp_path / "c.toml"
     toml.write_text('preset = "small"\n[model]\nn_embd = 256\n[train]\nlr = 0\n')
     cfg = load_config(str(toml))
-    assert fill_derived(cfg).train.lr == pytest.approx(1e-3 * 1.5**0.75)
+    assert fill_derived(cfg).train.lr == pytest.approx(0.04)  # small's recipe: Muon
     # every caller of make_optimizer gets it too, and lr_at follows
-    cfg = load_config("baby")
-    cfg.model.vocab_size = 64
-    opt = make_optimizer(GPT(cfg.model), cfg.train, torch.device("cpu"))
-    assert cfg.train.lr == opt.param_groups[0]["lr"] == derived_lr(cfg.model)
-    assert lr_at(1, cfg.train) == pytest.approx(cfg.train.lr, rel=1e-5)  # Muon: no warmup
+    for optimizer in ("muon", "adamw"):
+        cfg = apply_overrides(load_config("baby"), {"optimizer": optimizer})
+        cfg.model.vocab_size = 64
+        opt = make_optimizer(GPT(cfg.model), cfg.train, torch.device("cpu"))
+        assert cfg.train.lr == opt.param_groups[-1]["lr"] == derived_lr(cfg.model, optimizer)
+    assert lr_at(1, cfg.train) == pytest.approx(cfg.train.lr / 40, rel=1e-5)  # AdamW: warmup
 
 
 def test_warmup_follows_the_optimizer_when_not_set(tmp_path):

@@ -413,7 +413,7 @@ def test_default_space_chooses_the_optimizer_on_llama():
     baby = load_config("baby")
     base = baseline_params(baby, default_space(baby))
     assert (base["train.optimizer"], base["train.muon_lr"]) == ("muon", baby.train.muon_lr)
-    assert base["train.lr"] == derived_lr(baby.model)  # baby's lr = 0: derived, the same lr
+    assert base["train.lr"] == derived_lr(baby.model, "muon")  # baby's lr = 0: derived, named
     assert base["train.warmup_steps"] == 0  # baby's warmup = -1: derived (none with Muon)
     # not on gpt2 blocks (Muon is measured on llama only); an explicit Muon keeps its lr tuned
     gpt2 = apply_overrides(tiny, {"model.arch": "gpt2"})

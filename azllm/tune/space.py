@@ -26,7 +26,7 @@ from azllm.config import (
     ModelConfig,
     TrainConfig,
     apply_overrides,
-    derived_lr,
+    lr_of,
     warmup_of,
 )
 from azllm.errors import AzllmError
@@ -184,7 +184,7 @@ def default_space(cfg: Config, fixed_batch: bool = False) -> dict[str, Param]:
     250 steps), a study with the batch in it chose 4x accumulation, 0.88x the preset's bpb at
     equal steps but 1.08x at equal tokens."""
     tc = cfg.train
-    lr = tc.lr or derived_lr(cfg.model)  # train.lr = 0: derived from the width (config.py)
+    lr = lr_of(cfg.model, tc)  # train.lr = 0: derived from the width and optimizer
     warmup = warmup_of(tc)  # -1: derived (config.py)
     mb, ga = tc.micro_batch, tc.grad_accum
     accums = tuple(sorted({max(1, ga // 2), ga, 2 * ga, 4 * ga}))
@@ -249,7 +249,7 @@ def baseline_params(cfg: Config, space: dict[str, Param]) -> dict[str, Any]:
         section, _, name = key.partition(".")
         out[key] = d[section][name]
         if key == "train.lr" and not out[key]:  # 0: derived from the width; the same lr, named
-            out[key] = derived_lr(cfg.model)
+            out[key] = lr_of(cfg.model, cfg.train)
         if key == "train.warmup_steps":  # -1: derived; the same warmup, named
             out[key] = warmup_of(cfg.train)
         if not space[key].contains(out[key]):
