@@ -38,8 +38,8 @@ VOCAB_SIZE = 4096
 # steps than 4 minutes on 2 cores give; on the 80 KB of ../sample alone it rose after step 60.
 # The rest is `baby`'s recipe (Muon + QK-norm since issue 13): 185 steps on one busy core reached
 # val loss 5.47 (2.25 bpb), still falling, below AdamW's 5.68 after 440 steps on a quiet machine.
-# AdamW's lr (embeddings and gains under Muon) is the derived one (0.04 at this width): at this
-# shape (4 x 256) it beat 4e-3, near the 3e-3 set here before, by 2.6% at equal steps
+# AdamW's lr (embeddings and gains under Muon) is the derived one (0.014 at this width): at this
+# shape (4 x 256) it beat 4e-3, near the 3e-3 set here before, by 2.1% at equal steps
 # (bench/README.md, "The AdamW lr under Muon").
 MODEL = {
     "model.n_layer": 4,

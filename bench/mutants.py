@@ -487,7 +487,7 @@ MUTANTS = [
       'if key == "train.lr" and not out[key]:', "if False:",
       ("tests/test_tune.py::test_default_space_chooses_the_optimizer_on_llama",)),
     M("lr-derived-ignores-optimizer", "azllm/config.py",
-      '    if optimizer == "muon":\n        return 0.04', '    if False:\n        return 0.04',
+      'return 10 * adamw if optimizer == "muon" else adamw', "return adamw",
       ("tests/test_optim.py::test_lr_follows_width_when_not_set",)),
     M("make-optimizer-derives-adamw-lr-for-muon", "azllm/config.py",
       "return tc.lr or derived_lr(m, tc.optimizer)", "return tc.lr or derived_lr(m)",
