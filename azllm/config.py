@@ -357,7 +357,7 @@ def derived_lr(m: ModelConfig, optimizer: str = "adamw") -> float:
     higher: 10x the rule above (baby 0.01). Measured with `arch_options.py --only recipe` at
     widths 128 and 256 (200 steps, half a pass over the data): x10 -10.7% and -9.1% bpb against
     x1, within 0.5% of x30, the best. At baby's shape over the full comparison (370 steps, 2.6
-    passes, three seeds; bench/README.md, "The AdamW lr under Muon, at full length"), x10 beat
+    passes, three seeds; bench/README.md, "The AdamW lr under Muon" / "At full length"), x10 beat
     x30 on both validation and held-out text; x1 was 2% better on held-out news text there but
     3% worse on validation, and 11% / 9% worse on both at one pass (140 steps). Muon's own lr
     (train.muon_lr) does not follow the width: its updates are orthogonalised, so their size does
