@@ -150,6 +150,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
     muon_lr: float = 0.02  # Muon's peak lr (same schedule shape as lr); width-independent
     muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0  # Muon's matrices: p *= 1 - lr * this, following the schedule
     z_loss: float = 0.0  # >0: adds z_loss * mean(logsumexp(logits)^2) to the training loss
     moe_aux_loss: float = 0.01  # n_experts > 0: load-balancing loss coefficient (Switch's 0.01)
     moe_z_loss: float = 0.0  # n_experts > 0: router z-loss coefficient (ST-MoE: 0.001)
@@ -216,6 +217,10 @@ class TrainConfig:
             )
         if not 0.0 <= self.muon_momentum < 1.0 or self.z_loss < 0:
             raise AzllmError("train.muon_momentum must be in [0, 1), train.z_loss >= 0")
+        if self.weight_decay < 0 or self.muon_weight_decay < 0:
+            raise AzllmError(
+                "train.weight_decay and train.muon_weight_decay must be 0 (off) or positive"
+            )
         if self.max_minutes < 0:
             raise AzllmError("train.max_minutes must be 0 (no time limit) or positive")
         if self.moe_aux_loss < 0 or self.moe_z_loss < 0:

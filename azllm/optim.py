@@ -209,7 +209,12 @@ def make_muon(model: torch.nn.Module, tc) -> Muon:
     mats = [p for n, p in named if not n.startswith("blocks.") and p.dim() >= 2]
     gains = [p for n, p in named if p.dim() < 2]
     groups = [
-        {"params": muon, "muon": True, "lr_scale": tc.muon_lr / tc.lr},
+        {
+            "params": muon,
+            "muon": True,
+            "lr_scale": tc.muon_lr / tc.lr,
+            "weight_decay": tc.muon_weight_decay,
+        },
         {"params": mats, "weight_decay": tc.weight_decay},
         {"params": gains},
     ]
