@@ -241,7 +241,7 @@ def _phases(
     world: int,
     strategy: str = "ddp",
 ) -> dict[str, dict[str, int]]:
-    m, t = cfg.model, cfg.model.block_size
+    m, t = cfg.peak_model(), cfg.model.block_size
     half = is_half(precision, device_type)
     p = param_counts(m)
     h = 2 if half else 4

@@ -414,6 +414,15 @@ class GPT(nn.Module):
 
     # ---- bookkeeping -------------------------------------------------------------------------
 
+    def set_dropout(self, p: float) -> None:
+        """Change the dropout rate of every layer in place (train.repeat_dropout switches it on
+        when the data starts to repeat); the weights and what inference computes are unchanged."""
+        for m in self.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = p
+            elif isinstance(m, Attention):
+                m.dropout = p
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights counted once
 

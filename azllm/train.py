@@ -186,6 +186,16 @@ class _Clock:
         return dt
 
 
+def dropout_at(step: int, tokens_per_step: int, train_tokens: int, cfg: Config) -> float:
+    """The dropout rate of `step`: model.dropout, then train.repeat_dropout from the first step
+    whose batch repeats data, i.e. once the steps before it drew as many tokens as the training
+    split holds. Dropout costs a little over one pass and pays once the data repeats
+    (bench/README.md, "Regularising over several passes"); a function of the step resumes
+    exactly."""
+    repeats = (step - 1) * tokens_per_step >= train_tokens
+    return cfg.train.repeat_dropout if cfg.train.repeat_dropout and repeats else cfg.model.dropout
+
+
 def train(
     cfg: Config,
     data: BatchSource | str | Path,
@@ -232,6 +242,13 @@ def train(
         tc.grad_accum = tc.global_batch // per_step
     global_batch = tc.micro_batch * tc.grad_accum * d.world
     tokens_per_step = global_batch * cfg.model.block_size
+
+    train_tokens = data.tokens("train") if hasattr(data, "tokens") else 0
+    if tc.repeat_dropout and not train_tokens:
+        raise AzllmError(
+            f"train.repeat_dropout: {data.label} does not say how many tokens one pass holds; "
+            "set it to 0 and use model.dropout"
+        )
 
     torch.manual_seed(tc.seed)
     if d.master:
@@ -353,6 +370,7 @@ def train(
     clock = _Clock()
     model.train()
     step = start
+    rate = cfg.model.dropout  # the model's dropout as built
     suppress = torch._dynamo.config.suppress_errors
     try:
         if compile_fallback:  # chosen for the user: a compiler failure falls back to eager
@@ -361,6 +379,12 @@ def train(
             out_of_time = bool(tc.max_minutes) and clock.since_start() >= 60 * tc.max_minutes
             final = step == tc.max_steps or out_of_time
             lr = lr_at(step, tc, clock.since_start())
+            if (p := dropout_at(step, tokens_per_step, train_tokens, cfg)) != rate:
+                unwrap(model).set_dropout(p)  # compiled: one recompile, at the switch
+                rate = p
+                if log:
+                    log.write(step=step, dropout=p)
+                say(f"step {step}: the training data repeats from here; dropout {p:g}")
             loss, grad_norm = step_fn(batches.get(step), lr)
             loss_sum += loss
             steps_since_log += 1

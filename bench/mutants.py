@@ -222,6 +222,19 @@ MUTANTS = [
     M("muon-weight-decay-dropped", "azllm/optim.py",
       '            "weight_decay": tc.muon_weight_decay,\n', "",
       ("tests/test_muon.py::test_muon_weight_decay_shrinks_only_the_block_matrices",)),
+    M("repeat-dropout-one-step-early", "azllm/train.py",
+      "repeats = (step - 1) * tokens_per_step >= train_tokens",
+      "repeats = step * tokens_per_step >= train_tokens",
+      ("tests/test_repeat_dropout.py::"
+       "test_dropout_turns_on_when_the_data_repeats_and_resumes_exactly",)),
+    M("set-dropout-skips-attention", "azllm/model.py",
+      "            elif isinstance(m, Attention):\n                m.dropout = p\n", "",
+      ("tests/test_repeat_dropout.py::"
+       "test_repeat_dropout_is_validated_counted_by_the_plan_and_reaches_every_layer",)),
+    M("plan-ignores-repeat-dropout", "azllm/memory.py",
+      "m, t = cfg.peak_model(), cfg.model.block_size", "m, t = cfg.model, cfg.model.block_size",
+      ("tests/test_repeat_dropout.py::"
+       "test_repeat_dropout_is_validated_counted_by_the_plan_and_reaches_every_layer",)),
     M("muon-stacks-unbounded", "azllm/optim.py",
       "per = max(1, MUON_STACK_ELEMENTS // same[0].numel())", "per = len(same)",
       ("tests/test_plan.py::test_muon_step_temporaries_are_what_the_plan_counts",)),

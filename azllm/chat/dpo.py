@@ -190,6 +190,7 @@ def stored_reference(
 # Preference-tuning defaults: a gentle learning rate (DPO moves a model quickly), one pass.
 DPO_DEFAULTS = {
     "train.optimizer": "adamw",  # whatever the base used: these lrs are AdamW's
+    "train.repeat_dropout": 0.0,  # a base recipe's; chat data does not count tokens
     "train.lr": 5e-5,
     "train.warmup_steps": 10,
     "train.min_lr_ratio": 0.0,

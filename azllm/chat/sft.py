@@ -20,6 +20,7 @@ from azllm.train import train
 # Fine-tuning defaults: short, gentle, no weight decay (the base is already regularised).
 SFT_DEFAULTS = {
     "train.optimizer": "adamw",  # whatever the base used: these lrs are AdamW's
+    "train.repeat_dropout": 0.0,  # a base recipe's; chat data does not count tokens
     "train.lr": 3e-4,
     "train.warmup_steps": 20,
     "train.min_lr_ratio": 0.0,

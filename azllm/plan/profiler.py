@@ -50,7 +50,7 @@ def measure_peak(
     dev = torch.device(device)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train))
     cfg.train.optimizer_state = optimizer_state
-    m, b, t = cfg.model, micro_batch, cfg.model.block_size
+    m, b, t = cfg.peak_model(), micro_batch, cfg.model.block_size
     torch.manual_seed(seed)
     model = GPT(m, activation_checkpointing=activation_checkpointing, ce_chunk=chunked_ce)
     model = model.to(dev).train()
